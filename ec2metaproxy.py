@@ -1,0 +1,2325 @@
+#!/usr/bin/env python3
+"""ec2metaproxy: per-container IAM credentials for Docker containers on EC2.
+
+Containers on a Docker bridge ask the instance metadata service (IMDS,
+169.254.169.254) for credentials; the firewall (setup-firewall.sh) sends that
+traffic here. The proxy maps each request's source address to its container
+(Docker Engine API over the unix socket, kept current from the event stream),
+answers the credential paths with that container's own role, assumed with STS
+ahead of time, answers IMDSv2 tokens itself and forwards every other metadata
+path to the real IMDS. It never hands out the host's credentials.
+
+Run:   python3 ec2metaproxy.py -c config.json
+Needs: Python 3.9+ standard library, and boto3 for STS.
+Licence: MIT (see LICENSE).
+"""
+
+import argparse
+import base64
+import bisect
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import queue
+import random
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import ThreadingHTTPServer
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+log = logging.getLogger("ec2metaproxy")
+
+__version__ = "1.0.0"
+
+
+def normalize_ip(address: str) -> str:
+    """Return the canonical text of an IP address (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def iso8601(timestamp: float) -> str:
+    """Format a Unix time the way IMDS and botocore expect: YYYY-MM-DDTHH:MM:SSZ."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def backoff_delay(failures: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter in [delay/2, delay]."""
+    delay = min(cap, base * (2 ** min(failures, 16)))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class Backoff:
+    """Sleeps between retries of a background loop, growing to a cap; wakes early on stop."""
+
+    def __init__(self, stop: threading.Event, base: float = 0.5, cap: float = 10.0):
+        self._stop = stop
+        self._base = base
+        self._cap = cap
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def wait(self) -> bool:
+        """Sleep for the next delay; return False if the proxy is stopping."""
+        delay = backoff_delay(self.failures, self._base, self._cap)
+        self.failures += 1
+        return not self._stop.wait(delay)
+
+
+#####################################################################
+# Config ############################################################
+# Owns the JSON file: parsing, validation with an error naming the key,
+# and the immutable Config every other part reads.
+
+ROLE_ARN = re.compile(
+    r"^arn:(aws|aws-cn|aws-us-gov|aws-iso|aws-iso-[a-z]|aws-eusc):iam::(\d{12}):role/"
+    r"((?:[\x21-\x2e\x30-\x7e]+/)*)([\w+=,.@-]{1,64})$"
+)
+SESSION_NAME_CHARS = re.compile(r"[^\w+=,.@-]")
+PLACEHOLDER = re.compile(r"\{(name|id|image|label:[^{}]+|env:[^{}]+)\}")
+ACCOUNT_ID = re.compile(r"^\d{12}$")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, malformed or inconsistent; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasOptions:
+    """One alias of aliasToARN: the role and the options for assuming it."""
+
+    arn: str
+    external_id: Optional[str] = None
+    policy: Optional[str] = None
+    policy_arns: Tuple[str, ...] = ()
+    session_duration: Optional[int] = None
+    session_tags: Tuple[Tuple[str, str], ...] = ()
+    allow: Optional["AllowRule"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AllowRule:
+    """Which containers may use an alias: by image glob, by labels, by network name."""
+
+    images: Tuple[str, ...] = ()
+    labels: Tuple[Tuple[str, str], ...] = ()
+    networks: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The validated configuration; every field has its final type and default."""
+
+    listen: Tuple[str, int]
+    alias_to_arn: Mapping[str, AliasOptions]
+    default_alias: Optional[str]
+    default_policy: Optional[str] = None
+    alias_label: str = "ec2metaproxy.RoleAlias"
+    policy_label: str = "ec2metaproxy.Policy"
+    docker_socket: str = "/var/run/docker.sock"
+    metadata_url: str = "http://169.254.169.254"
+    sts_region: Optional[str] = None
+    sts_endpoint: Optional[str] = None
+    session_duration: int = 3600
+    verbose: bool = False
+    env_roles: bool = False
+    allowed_roles: Tuple[str, ...] = ()
+    default_account_id: Optional[str] = None
+    account_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    session_name: str = "{name}"
+    session_tags: Tuple[Tuple[str, str], ...] = ()
+    source_identity: Optional[str] = None
+    static_mappings: Tuple[Tuple[object, str], ...] = ()
+    mock: bool = False
+
+
+def _expect(key: str, value, kind, what: str):
+    # bool is an int in Python; a config that says "verbose": 1 or "port": true is wrong.
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{key}: expected {what}, got {json.dumps(value)}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def parse_listen(key: str, value) -> Tuple[str, int]:
+    """Parse ':18000', '127.0.0.1:18000' or '[::]:18000' into (host, port)."""
+    _expect(key, value, str, 'an address like ":18000" or "127.0.0.1:18000"')
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT with a port from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} has an invalid IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError(f"{key}: {value!r}: write an IPv6 address in brackets, like [::]:18000")
+    elif host and not re.match(r"^[A-Za-z0-9.-]+$", host):
+        raise ConfigError(f"{key}: {value!r} has an invalid host")
+    return host, int(port)
+
+
+def parse_role_arn(key: str, value) -> str:
+    _expect(key, value, str, "a role ARN")
+    if not ROLE_ARN.match(value):
+        raise ConfigError(f"{key}: {value!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)")
+    return value
+
+
+def parse_policy(key: str, value) -> str:
+    """A session policy: a JSON object, or a string holding one; returned as compact JSON."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: not valid JSON ({exc})") from None
+    _expect(key, value, dict, "a policy document (a JSON object)")
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def parse_duration(key: str, value) -> int:
+    _expect(key, value, int, "a whole number of seconds")
+    if not 900 <= value <= 43200:
+        raise ConfigError(f"{key}: {value} is outside 900..43200 seconds")
+    return value
+
+
+def parse_tags(key: str, value) -> Tuple[Tuple[str, str], ...]:
+    _expect(key, value, dict, "an object of tag names to values")
+    for name, tag_value in value.items():
+        _expect(f"{key}.{name}", tag_value, str, "a string")
+    return tuple(sorted(value.items()))
+
+
+def parse_template(key: str, value) -> str:
+    _expect(key, value, str, "a string")
+    stripped = PLACEHOLDER.sub("", value)
+    if "{" in stripped or "}" in stripped:
+        raise ConfigError(f"{key}: {value!r} has an unknown placeholder; "
+                          "use {name}, {id}, {image}, {label:KEY}, {env:KEY}")
+    return value
+
+
+def parse_allow(key: str, value) -> AllowRule:
+    _expect(key, value, dict, 'an object like {"images": [...], "labels": {...}, "networks": [...]}')
+    unknown = set(value) - {"images", "labels", "networks"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (expected images, labels, networks)")
+    images = _expect(f"{key}.images", value.get("images", []), list, "a list of image patterns")
+    networks = _expect(f"{key}.networks", value.get("networks", []), list, "a list of network names")
+    labels = _expect(f"{key}.labels", value.get("labels", {}), dict, "an object of label names to values")
+    for index, item in enumerate(images + networks):
+        _expect(f"{key}[{index}]", item, str, "a string")
+    for name, label_value in labels.items():
+        _expect(f"{key}.labels.{name}", label_value, str, "a string")
+    return AllowRule(tuple(images), tuple(sorted(labels.items())), tuple(networks))
+
+
+ALIAS_KEYS = {"arn", "externalId", "policy", "policyArns", "sessionDuration", "sessionTags", "allow"}
+
+
+def parse_alias(key: str, value) -> AliasOptions:
+    """An aliasToARN value: the ARN as a string, or an object with the ARN and its options."""
+    if isinstance(value, str):
+        return AliasOptions(parse_role_arn(key, value))
+    _expect(key, value, dict, 'a role ARN or an object like {"arn": ...}')
+    for name in value:
+        if name not in ALIAS_KEYS:
+            raise ConfigError(f"{key}.{name}: unknown key{_suggest(name, ALIAS_KEYS)}")
+    if "arn" not in value:
+        raise ConfigError(f"{key}.arn: required key is missing")
+    policy_arns = _expect(f"{key}.policyArns", value.get("policyArns", []), list, "a list of policy ARNs")
+    for index, arn in enumerate(policy_arns):
+        if not isinstance(arn, str) or not re.match(r"^arn:[\w-]+:iam::(\d{12}|aws):policy/", arn):
+            raise ConfigError(f"{key}.policyArns[{index}]: {arn!r} is not an IAM policy ARN")
+    external_id = value.get("externalId")
+    if external_id is not None:
+        _expect(f"{key}.externalId", external_id, str, "a string")
+    return AliasOptions(
+        arn=parse_role_arn(f"{key}.arn", value["arn"]),
+        external_id=external_id,
+        policy=parse_policy(f"{key}.policy", value["policy"]) if value.get("policy") is not None else None,
+        policy_arns=tuple(policy_arns),
+        session_duration=(parse_duration(f"{key}.sessionDuration", value["sessionDuration"])
+                          if "sessionDuration" in value else None),
+        session_tags=parse_tags(f"{key}.sessionTags", value.get("sessionTags", {})),
+        allow=parse_allow(f"{key}.allow", value["allow"]) if "allow" in value else None,
+    )
+
+
+def parse_docker_host(key: str, value) -> str:
+    _expect(key, value, str, 'a socket URL like "unix:///var/run/docker.sock"')
+    if not value.startswith("unix://") or len(value) <= len("unix://"):
+        raise ConfigError(f"{key}: {value!r}: only unix sockets are supported (unix:///var/run/docker.sock)")
+    path = value[len("unix://"):]
+    return path if path.startswith("/") else "/" + path
+
+
+def parse_metadata_url(key: str, value) -> str:
+    _expect(key, value, str, 'a URL like "http://169.254.169.254"')
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} has an invalid port") from None
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"{key}: {value!r} is not an http:// URL with a host and no path")
+    return value.rstrip("/")
+
+
+def parse_sts_endpoint(key: str, value) -> str:
+    _expect(key, value, str, "a URL")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: {value!r} is not an http:// or https:// URL")
+    return value
+
+
+def parse_static_mappings(key: str, value) -> Tuple[Tuple[object, str], ...]:
+    _expect(key, value, dict, 'an object of source IP or CIDR to alias, like {"10.0.0.0/24": "web"}')
+    mappings = []
+    for source, alias in value.items():
+        try:
+            network = ipaddress.ip_network(source, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}.{source}: not an IP address or CIDR") from None
+        _expect(f"{key}.{source}", alias, str, "an alias name")
+        mappings.append((network, alias))
+    # Most specific network first, so a /32 wins over the /24 around it.
+    mappings.sort(key=lambda item: -item[0].prefixlen)
+    return tuple(mappings)
+
+
+def _string_or_null(key, value):
+    return None if value is None else _expect(key, value, str, "a string or null")
+
+
+def _string_list(key, value):
+    _expect(key, value, list, "a list of strings")
+    for index, item in enumerate(value):
+        _expect(f"{key}[{index}]", item, str, "a string")
+    return tuple(value)
+
+
+def _account_map(key, value):
+    _expect(key, value, dict, "an object of account names to 12-digit account ids")
+    for name, account in value.items():
+        if not isinstance(account, str) or not ACCOUNT_ID.match(account):
+            raise ConfigError(f"{key}.{name}: {account!r} is not a 12-digit account id")
+    return dict(value)
+
+
+def _account_id(key, value):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not ACCOUNT_ID.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a 12-digit account id")
+    return value
+
+
+# JSON key -> (Config field, parser). Required keys are checked separately.
+CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
+    "listen": ("listen", parse_listen),
+    "aliasToARN": ("alias_to_arn", None),
+    "defaultAlias": ("default_alias", _string_or_null),
+    "defaultPolicy": ("default_policy", lambda k, v: None if v is None else parse_policy(k, v)),
+    "aliasLabel": ("alias_label", lambda k, v: _expect(k, v, str, "a label name")),
+    "policyLabel": ("policy_label", lambda k, v: _expect(k, v, str, "a label name")),
+    "dockerHost": ("docker_socket", parse_docker_host),
+    "metadataURL": ("metadata_url", parse_metadata_url),
+    "stsRegion": ("sts_region", _string_or_null),
+    "stsEndpoint": ("sts_endpoint", lambda k, v: None if v is None else parse_sts_endpoint(k, v)),
+    "sessionDuration": ("session_duration", parse_duration),
+    "verbose": ("verbose", lambda k, v: _expect(k, v, bool, "true or false")),
+    "envRoles": ("env_roles", lambda k, v: _expect(k, v, bool, "true or false")),
+    "allowedRoles": ("allowed_roles", _string_list),
+    "defaultAccountId": ("default_account_id", _account_id),
+    "accountMap": ("account_map", _account_map),
+    "sessionName": ("session_name", parse_template),
+    "sessionTags": ("session_tags", parse_tags),
+    "sourceIdentity": ("source_identity", lambda k, v: None if v is None else parse_template(k, v)),
+    "staticMappings": ("static_mappings", parse_static_mappings),
+    "mock": ("mock", lambda k, v: _expect(k, v, bool, "true or false")),
+}
+REQUIRED_KEYS = ("listen", "aliasToARN", "defaultAlias")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_config(data) -> Config:
+    """Validate a decoded JSON document into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a JSON object")
+    for key in data:
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{key}: unknown key{_suggest(key, CONFIG_KEYS)}")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise ConfigError(f"{key}: required key is missing")
+    aliases = _expect("aliasToARN", data["aliasToARN"], dict, "an object of alias names to role ARNs")
+    if not aliases:
+        raise ConfigError("aliasToARN: must name at least one alias")
+    values = {"alias_to_arn": {name: parse_alias(f"aliasToARN.{name}", arn) for name, arn in aliases.items()}}
+    for key, raw in data.items():
+        field, parser = CONFIG_KEYS[key]
+        if parser is not None:
+            values[field] = parser(key, raw)
+    config = Config(**values)
+    if config.default_alias is not None and config.default_alias not in config.alias_to_arn:
+        raise ConfigError(f"defaultAlias: {config.default_alias!r} is not an alias in aliasToARN")
+    for network, alias in config.static_mappings:
+        if alias not in config.alias_to_arn:
+            raise ConfigError(f"staticMappings.{network}: {alias!r} is not an alias in aliasToARN")
+    for index, pattern in enumerate(config.allowed_roles):
+        if not pattern.startswith("arn:"):
+            raise ConfigError(f"allowedRoles[{index}]: {pattern!r} is not an ARN pattern (arn:aws:iam::*:role/...)")
+    return config
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the JSON config file at path."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return parse_config(data)
+
+
+#####################################################################
+# Docker ############################################################
+# Owns the Engine API client over AF_UNIX and the ContainerIndex: source IP
+# -> container, built at start and kept current from the /events stream.
+
+class DockerError(Exception):
+    """The Docker daemon could not be reached or gave an unusable answer."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An http.client connection to a unix socket."""
+
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class DockerClient:
+    """The few Docker Engine API calls the proxy makes: list, inspect and the event stream."""
+
+    def __init__(self, socket_path: str, timeout: float = 5.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _get(self, path: str, timeout: Optional[float]):
+        conn = UnixHTTPConnection(self.socket_path, timeout)
+        try:
+            conn.request("GET", path, headers={"Host": "docker"})
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise DockerError(f"{self.socket_path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if response.status != 200:
+            body = response.read(500)
+            conn.close()
+            raise DockerError(f"GET {path}: HTTP {response.status} {body[:200]!r}")
+        return conn, response
+
+    def get_json(self, path: str):
+        conn, response = self._get(path, self.timeout)
+        try:
+            return json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise DockerError(f"GET {path}: unreadable answer ({exc})") from None
+        finally:
+            conn.close()
+
+    def list_containers(self) -> list:
+        return self.get_json("/containers/json")
+
+    def inspect(self, container_id: str) -> dict:
+        return self.get_json(f"/containers/{urllib.parse.quote(container_id)}/json")
+
+    def events(self):
+        """Subscribe to the event stream; return an iterator of decoded events.
+
+        The iterator ends when the daemon closes the stream and raises
+        DockerError when it breaks.
+        """
+        filters = urllib.parse.quote(json.dumps({"type": ["container", "network"]}))
+        # No read timeout: the stream is idle for as long as nothing happens.
+        conn, response = self._get(f"/events?filters={filters}", None)
+        return self._iter_events(conn, response)
+
+    @staticmethod
+    def _iter_events(conn, response):
+        try:
+            while True:
+                try:
+                    line = response.readline(1 << 20)
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    raise DockerError(f"event stream broke: {exc}") from None
+                if not line:
+                    return
+                line = line.strip()
+                if line:
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        log.warning("ignored an undecodable Docker event (%d bytes)", len(line))
+        finally:
+            conn.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Container:
+    """What the proxy knows of one running container."""
+
+    id: str
+    name: str
+    image: str
+    labels: Mapping[str, str]
+    networks: Mapping[str, Tuple[str, ...]]
+    env: Optional[Mapping[str, str]] = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def ips(self) -> Tuple[str, ...]:
+        return tuple(ip for ips in self.networks.values() for ip in ips)
+
+    @classmethod
+    def from_summary(cls, item: dict, env: Optional[Mapping[str, str]] = None) -> "Container":
+        """Build from an entry of GET /containers/json (or an inspect answer)."""
+        settings = item.get("NetworkSettings") or {}
+        mode = (item.get("HostConfig") or {}).get("NetworkMode", "")
+        networks = {}
+        if mode != "host":
+            for net_name, net in (settings.get("Networks") or {}).items():
+                ips = tuple(normalize_ip(net[key]) for key in ("IPAddress", "GlobalIPv6Address")
+                            if net and net.get(key))
+                if ips:
+                    networks[net_name] = ips
+        names = item.get("Names") or [item.get("Name") or item["Id"][:12]]
+        config = item.get("Config") or {}
+        return cls(
+            id=item["Id"],
+            name=names[0].lstrip("/"),
+            image=item.get("Image") or config.get("Image") or "",
+            labels=dict(item.get("Labels") or config.get("Labels") or {}),
+            networks=networks,
+            env=env,
+        )
+
+
+def parse_env(entries) -> Dict[str, str]:
+    """Docker's ["KEY=value", ...] as a dict."""
+    env = {}
+    for entry in entries or ():
+        key, _, value = entry.partition("=")
+        env[key] = value
+    return env
+
+
+class ContainerIndex:
+    """Source IP -> container, built from a full listing and kept current from Docker events.
+
+    One worker thread makes every listing call, so bursts of events and of
+    unknown callers coalesce into one call; another follows the event stream.
+    """
+
+    def __init__(self, docker: DockerClient, with_env: bool = False,
+                 on_added: Callable[[List[Container]], None] = lambda added: None,
+                 on_removed: Callable[[List[str]], None] = lambda removed: None,
+                 unknown_interval: float = 0.25, clock: Callable[[], float] = time.monotonic):
+        self._docker = docker
+        self._with_env = with_env
+        self._on_added = on_added
+        self._on_removed = on_removed
+        self._unknown_interval = unknown_interval
+        self._clock = clock
+        self._by_ip: Dict[str, Optional[Container]] = {}
+        self._by_id: Dict[str, Container] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._requested = 0   # listings asked for
+        self._started = 0     # listings begun
+        self._finished = 0    # listings completed (or failed)
+        self._tombstones: Dict[str, float] = {}   # container id or id/network -> time removed
+        self._last_began = -1e18   # when the latest listing began
+        self._not_before = 0.0     # a listing asked for by unknown callers waits until then
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self.reachable: Optional[bool] = None
+        self.last_error = ""
+
+    # Lookups (the request path)
+
+    def lookup(self, ip: str) -> Optional[Container]:
+        return self._by_ip.get(ip)
+
+    def get(self, container_id: str) -> Optional[Container]:
+        return self._by_id.get(container_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def lookup_or_resync(self, ip: str, timeout: float) -> Optional[Container]:
+        """Look ip up; if unknown, wait (bounded) for a listing begun after now and look again.
+
+        Closes the race of a container asking before its start event arrives. Listings asked
+        for this way begin at most once per unknown_interval, so callers that stay unknown,
+        however many, cannot turn into a stream of Docker calls.
+        """
+        container = self._by_ip.get(ip)
+        if container is not None or ip in self._by_ip:
+            return container
+        with self._lock:
+            pending = self._requested > self._started
+            wanted = self._request_locked(urgent=False)
+            if not pending:
+                self._not_before = self._last_began + self._unknown_interval
+            self._changed.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout)
+        return self._by_ip.get(ip)
+
+    # Changes
+
+    def request_resync(self) -> int:
+        with self._lock:
+            return self._request_locked()
+
+    def _request_locked(self, urgent: bool = True) -> int:
+        # A listing that has not begun yet will see this change; otherwise ask for the next one.
+        if self._requested <= self._started:
+            self._requested = self._started + 1
+        if urgent:
+            self._not_before = 0.0   # a Docker event: list now, whoever asked before
+        self._changed.notify_all()
+        return self._requested
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until the listing asked for so far has completed."""
+        with self._lock:
+            wanted = self._requested
+            return self._changed.wait_for(lambda: self._finished >= wanted, timeout)
+
+    def remove(self, container_id: str) -> None:
+        """Forget a container now (its die event): its IPs may be reused at once."""
+        with self._lock:
+            self._tombstones[container_id] = self._clock()
+            container = self._by_id.pop(container_id, None)
+            if container is None:
+                return
+            for ip in container.ips:
+                if self._by_ip.get(ip) is container:
+                    del self._by_ip[ip]
+        self._on_removed([container_id])
+
+    def disconnect(self, container_id: str, network: str) -> None:
+        """Drop a container's addresses on one network (its disconnect event)."""
+        with self._lock:
+            self._tombstones[f"{container_id}/{network}"] = self._clock()
+            container = self._by_id.get(container_id)
+            if container is None or network not in container.networks:
+                return
+            networks = {name: ips for name, ips in container.networks.items() if name != network}
+            replacement = dataclasses.replace(container, networks=networks)
+            self._by_id[container_id] = replacement
+            for ip in container.ips:
+                if self._by_ip.get(ip) is container:
+                    del self._by_ip[ip]
+            for ip in replacement.ips:
+                self._by_ip[ip] = replacement
+
+    def handle_event(self, event: dict) -> None:
+        kind = event.get("Type") or ("container" if "status" in event else "")
+        action = event.get("Action") or event.get("status") or ""
+        actor = event.get("Actor") or {}
+        if kind == "container":
+            container_id = actor.get("ID") or event.get("id") or ""
+            if action in ("die", "destroy"):
+                self.remove(container_id)
+            elif action in ("start", "restart", "unpause", "rename", "update"):
+                with self._lock:
+                    self._tombstones.pop(container_id, None)
+                    self._request_locked()
+        elif kind == "network":
+            container_id = (actor.get("Attributes") or {}).get("container", "")
+            network = (actor.get("Attributes") or {}).get("name", "")
+            if action == "disconnect" and container_id:
+                self.disconnect(container_id, network)
+            elif action == "connect" and container_id:
+                with self._lock:
+                    self._tombstones.pop(f"{container_id}/{network}", None)
+                    self._request_locked()
+
+    def _install(self, listing: List[Container], began: float) -> None:
+        """Replace the index with a listing begun at `began`, keeping later removals."""
+        with self._lock:
+            by_id = {}
+            for container in listing:
+                if self._tombstones.get(container.id, -1e18) > began:
+                    continue   # died while the listing was in flight
+                dropped = [net for net in container.networks
+                           if self._tombstones.get(f"{container.id}/{net}", -1e18) > began]
+                if dropped:
+                    container = dataclasses.replace(container, networks={
+                        name: ips for name, ips in container.networks.items() if name not in dropped})
+                by_id[container.id] = container
+            by_ip: Dict[str, Optional[Container]] = {}
+            conflicts = set()
+            for container in by_id.values():
+                for ip in container.ips:
+                    if ip in by_ip and by_ip[ip] is not container:
+                        conflicts.add(ip)
+                    by_ip[ip] = container
+            for ip in conflicts:
+                # Two containers claim one address: answer neither rather than guess.
+                by_ip[ip] = None
+            added = [c for cid, c in by_id.items() if cid not in self._by_id]
+            removed = [cid for cid in self._by_id if cid not in by_id]
+            self._by_id, self._by_ip = by_id, by_ip
+            self._tombstones = {key: when for key, when in self._tombstones.items() if when > began}
+        for ip in conflicts:
+            log.warning("address %s is claimed by more than one container; it gets no credentials", ip)
+        if removed:
+            self._on_removed(removed)
+        if added:
+            self._on_added(added)
+
+    def _list(self) -> List[Container]:
+        items = self._docker.list_containers()
+        known = self._by_id
+        containers = []
+        for item in items:
+            env = None
+            if self._with_env:
+                previous = known.get(item.get("Id"))
+                if previous is not None and previous.env is not None:
+                    env = previous.env
+                else:
+                    try:
+                        env = parse_env((self._docker.inspect(item["Id"]).get("Config") or {}).get("Env"))
+                    except DockerError as exc:
+                        log.warning("cannot inspect container %s: %s", item.get("Id", "")[:12], exc)
+                        env = {}
+            try:
+                containers.append(Container.from_summary(item, env))
+            except (KeyError, TypeError, AttributeError):
+                log.warning("ignored a container Docker listed without an Id")
+        return containers
+
+    def _set_reachable(self, reachable: bool, error: str = "") -> None:
+        if reachable and self.reachable is not True:
+            log.info("Docker is reachable at %s: %d running containers", self._docker.socket_path, len(self))
+        elif not reachable and self.reachable is not False:
+            log.warning("Docker is not reachable at %s yet (%s); serving known containers and retrying",
+                        self._docker.socket_path, error)
+        self.reachable = reachable
+        self.last_error = error
+
+    def sync_once(self) -> bool:
+        """Make one listing now (start-up); return whether Docker answered."""
+        with self._lock:
+            self._requested = max(self._requested, self._started + 1)
+        return self._resync_step()
+
+    def _resync_step(self) -> bool:
+        began = self._clock()
+        with self._lock:
+            self._started += 1
+            ticket = self._started
+            self._last_began = began
+        try:
+            listing = self._list()
+        except DockerError as exc:
+            ok = False
+            self._set_reachable(False, str(exc))
+        else:
+            ok = True
+            self._install(listing, began)
+            self._set_reachable(True)
+        with self._lock:
+            self._finished = max(self._finished, ticket)
+            self._changed.notify_all()
+        return ok
+
+    def _resync_loop(self) -> None:
+        backoff = Backoff(self._stop)
+        while not self._stop.is_set():
+            with self._lock:
+                self._changed.wait_for(lambda: self._requested > self._started or self._stop.is_set())
+                while not self._stop.is_set() and self._not_before > self._clock():
+                    self._changed.wait(self._not_before - self._clock())
+                if self._stop.is_set():
+                    return
+            if self._resync_step():
+                backoff.reset()
+            elif not backoff.wait():
+                return
+
+    def _event_loop(self) -> None:
+        backoff = Backoff(self._stop)
+        while not self._stop.is_set():
+            try:
+                stream = self._docker.events()
+                # Subscribed: a listing now misses nothing that happened while we were away.
+                self.request_resync()
+                backoff.reset()
+                for event in stream:
+                    self.handle_event(event)
+                    if self._stop.is_set():
+                        return
+                error = "the event stream ended"
+            except DockerError as exc:
+                error = str(exc)
+            if self._stop.is_set():
+                return
+            self._set_reachable(False, error)
+            if not backoff.wait():
+                return
+
+    def start(self) -> None:
+        for target, name in ((self._resync_loop, "docker-resync"), (self._event_loop, "docker-events")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._changed.notify_all()
+
+
+#####################################################################
+# Roles #############################################################
+# Owns the decision of which role (with external id, session policy, tags
+# and session name) a container may use; the answer is remembered per container.
+
+VALID_VERSION = re.compile(r"^(latest|\d{4}-\d{2}-\d{2}|1\.0)$")
+TAG_VALUE_CHARS = re.compile(r"[^\w\s.:/=+@-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+    """Everything one AssumeRole call needs; also the credential cache key."""
+
+    arn: str
+    session_name: str
+    policy: Optional[str] = None
+    external_id: Optional[str] = None
+    policy_arns: Tuple[str, ...] = ()
+    tags: Tuple[Tuple[str, str], ...] = ()
+    source_identity: Optional[str] = None
+    duration: int = 3600
+
+    @property
+    def role_name(self) -> str:
+        return self.arn.rsplit("/", 1)[1]
+
+    @property
+    def account_id(self) -> str:
+        return self.arn.split(":")[4]
+
+
+def session_safe(text: str, fallback: str) -> str:
+    """Sanitise to STS's RoleSessionName rules: [\\w+=,.@-], 2..64 characters."""
+    text = SESSION_NAME_CHARS.sub("-", text)[:64]
+    if len(text) < 2:
+        text = (text + "-" + fallback)[:64] if text else fallback[:64]
+    return text
+
+
+def render_template(template: str, container: Container) -> str:
+    def value(match):
+        key = match.group(1)
+        if key == "name":
+            return container.name
+        if key == "id":
+            return container.short_id
+        if key == "image":
+            return container.image
+        source, _, name = key.partition(":")
+        if source == "label":
+            return container.labels.get(name, "")
+        return (container.env or {}).get(name, "")
+    return PLACEHOLDER.sub(value, template)
+
+
+def image_matches(pattern: str, container: Container) -> bool:
+    """Glob an image pattern on repository:tag (a pattern without a tag matches any tag), or a digest."""
+    image = container.image
+    last = image.rsplit("/", 1)[-1]
+    reference = image if (":" in last or "@" in last) else image + ":latest"
+    if fnmatch.fnmatchcase(reference, pattern) or fnmatch.fnmatchcase(image, pattern):
+        return True
+    pattern_last = pattern.rsplit("/", 1)[-1]
+    if ":" not in pattern_last and "@" not in pattern_last:
+        return fnmatch.fnmatchcase(reference.split("@", 1)[0].rsplit(":", 1)[0], pattern)
+    return False
+
+
+def allow_failure(rule: AllowRule, container: Container) -> Optional[str]:
+    """Return which part of an allow rule a container fails, or None when it passes."""
+    if rule.images and not any(image_matches(pattern, container) for pattern in rule.images):
+        return f"image {container.image!r} matches none of {list(rule.images)}"
+    for name, value in rule.labels:
+        if container.labels.get(name) != value:
+            return f"label {name}={value!r} is not set"
+    if rule.networks and not set(rule.networks) & set(container.networks):
+        return f"not on any of the networks {list(rule.networks)}"
+    return None
+
+
+class RoleResolver:
+    """Decides which role a container may use, from its labels, its env (if allowed) or the default."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._memo: Dict[str, Tuple[Container, Optional[RoleSpec]]] = {}
+        self._arn_aliases = {options.arn: name for name, options in config.alias_to_arn.items()}
+        self._partition = next(iter(config.alias_to_arn.values())).arn.split(":")[1]
+        self._allowed = config.allowed_roles or tuple(self._arn_aliases)
+
+    def role_for(self, container: Container) -> Optional[RoleSpec]:
+        """The container's role, or None when it gets no credentials (logged once per container)."""
+        memo = self._memo.get(container.id)
+        if memo is not None and memo[0] is container:
+            return memo[1]
+        spec, reason = self._resolve(container)
+        if spec is None and reason:
+            log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
+        self._memo[container.id] = (container, spec)
+        return spec
+
+    def forget(self, container_ids) -> None:
+        for container_id in container_ids:
+            self._memo.pop(container_id, None)
+
+    def static_container(self, ip: str) -> Optional[Container]:
+        """A stand-in container for an address listed in staticMappings."""
+        if not self._config.static_mappings:
+            return None
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for network, alias in self._config.static_mappings:
+            if address.version == network.version and address in network:
+                return Container(id=f"static:{ip}", name=f"static-{ip}", image="",
+                                 labels={self._config.alias_label: alias}, networks={})
+        return None
+
+    def _resolve(self, container: Container) -> Tuple[Optional[RoleSpec], str]:
+        config = self._config
+        env = container.env or {}
+        alias = container.labels.get(config.alias_label)
+        external_id = None
+        container_policy = container.labels.get(config.policy_label)
+        policy_source = f"label {config.policy_label}"
+        if alias is not None:
+            if alias not in config.alias_to_arn:
+                return None, f"label {config.alias_label} names alias {alias!r}, which is not in aliasToARN"
+            options = config.alias_to_arn[alias]
+        elif config.env_roles and env.get("IAM_ROLE"):
+            options, reason = self._env_role(env["IAM_ROLE"])
+            if options is None:
+                return None, reason
+            alias = self._arn_aliases.get(options.arn, "IAM_ROLE")
+            external_id = env.get("IAM_EXTERNAL_ID") or None
+            if container_policy is None and env.get("IAM_POLICY"):
+                container_policy, policy_source = env["IAM_POLICY"], "env IAM_POLICY"
+        elif config.default_alias is not None:
+            alias = config.default_alias
+            options = config.alias_to_arn[alias]
+        else:
+            return None, ""   # no label and no defaultAlias: no credentials, as configured
+        if options.allow is not None:
+            failure = allow_failure(options.allow, container)
+            if failure:
+                return None, f"alias {alias!r} is not allowed for it ({failure})"
+        policy = options.policy
+        if container_policy is not None:
+            if policy is not None:
+                log.info("container %s: alias %r has its own policy; ignoring the %s",
+                         container.name, alias, policy_source)
+            else:
+                try:
+                    policy = parse_policy(policy_source, container_policy)
+                except ConfigError as exc:
+                    return None, f"its session policy is invalid: {exc}"
+        if policy is None:
+            policy = config.default_policy
+        tags = dict(config.session_tags)
+        tags.update(options.session_tags)
+        rendered_tags = tuple(sorted(
+            (key, TAG_VALUE_CHARS.sub("-", render_template(value, container))[:256])
+            for key, value in tags.items()))
+        source_identity = None
+        if config.source_identity:
+            source_identity = session_safe(render_template(config.source_identity, container), container.short_id)
+        return RoleSpec(
+            arn=options.arn,
+            session_name=session_safe(render_template(config.session_name, container),
+                                      "ec2metaproxy-" + container.short_id),
+            policy=policy,
+            external_id=external_id or options.external_id,
+            policy_arns=options.policy_arns,
+            tags=rendered_tags,
+            source_identity=source_identity,
+            duration=options.session_duration or config.session_duration,
+        ), ""
+
+    def _env_role(self, value: str) -> Tuple[Optional[AliasOptions], str]:
+        """Turn an IAM_ROLE value (alias, name, name@account, ARN) into alias options, if allowed."""
+        config = self._config
+        if value in config.alias_to_arn:
+            return config.alias_to_arn[value], ""
+        if value.startswith("arn:"):
+            arn = value
+        else:
+            name, _, account = value.partition("@")
+            if account:
+                account_id = config.account_map.get(account, account)
+                if not ACCOUNT_ID.match(account_id):
+                    return None, f"IAM_ROLE {value!r} names account {account!r}, which is not in accountMap"
+            elif config.default_account_id:
+                account_id = config.default_account_id
+            else:
+                return None, f"IAM_ROLE {value!r} has no account and defaultAccountId is not set"
+            arn = f"arn:{self._partition}:iam::{account_id}:role/{name}"
+        if not ROLE_ARN.match(arn):
+            return None, f"IAM_ROLE {value!r} is not a valid role"
+        if not any(fnmatch.fnmatchcase(arn, pattern) for pattern in self._allowed):
+            return None, f"IAM_ROLE role {arn} is not in allowedRoles"
+        alias = self._arn_aliases.get(arn)
+        return (config.alias_to_arn[alias] if alias else AliasOptions(arn)), ""
+
+
+#####################################################################
+# Credentials #######################################################
+# Owns STS AssumeRole (bounded in time and attempts) and the cache: fetched
+# when a container starts, refreshed in the background well before expiry.
+
+class CredentialError(Exception):
+    """STS could not provide credentials; code is STS's error code or the proxy's reason."""
+
+    def __init__(self, code: str, message: str, retryable: bool = True):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """One set of temporary credentials and its two IMDS answers, rendered once."""
+
+    access_key_id: str
+    secret_access_key: str = dataclasses.field(repr=False)
+    token: str = dataclasses.field(repr=False)
+    expiration: float
+    last_updated: float
+    body: bytes = dataclasses.field(repr=False, default=b"")
+    extended_body: bytes = dataclasses.field(repr=False, default=b"")
+
+    @classmethod
+    def issue(cls, access_key_id, secret_access_key, token, expiration, last_updated, account_id):
+        answer = {
+            "Code": "Success",
+            "LastUpdated": iso8601(last_updated),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": access_key_id,
+            "SecretAccessKey": secret_access_key,
+            "Token": token,
+            "Expiration": iso8601(expiration),
+        }
+        body = json.dumps(answer, indent=2).encode()
+        answer["AccountId"] = account_id
+        extended = json.dumps(answer, indent=2).encode()
+        return cls(access_key_id, secret_access_key, token, expiration, last_updated, body, extended)
+
+
+NON_RETRYABLE = {"AccessDenied", "ValidationError", "MalformedPolicyDocument", "PackedPolicyTooLarge",
+                 "RegionDisabledException", "InvalidIdentityToken", "InvalidParameter"}
+
+
+class StsClient:
+    """AssumeRole through boto3, each call bounded in time and made once (the cache retries)."""
+
+    def __init__(self, region: Optional[str] = None, endpoint: Optional[str] = None,
+                 metadata_url: Optional[str] = None, connect_timeout: float = 1.0,
+                 read_timeout: float = 3.0, use_imds: bool = True):
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+        import botocore.session
+        self._boto3 = boto3
+        self._errors = botocore.exceptions
+        self._region = region
+        self._endpoint = endpoint
+        self._metadata_url = metadata_url
+        self._use_imds = use_imds
+        self._client_config = botocore.config.Config(
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
+        self._new_session = botocore.session.Session
+        self._client = None
+        self._short_roles: Dict[str, bool] = {}
+
+    def _make_client(self):
+        session = self._new_session()
+        # The proxy's own credentials come from the metadata service it forwards to.
+        if self._metadata_url:
+            session.set_config_variable("ec2_metadata_service_endpoint", self._metadata_url + "/")
+        session.set_config_variable("metadata_service_timeout", 1)
+        session.set_config_variable("metadata_service_num_attempts", 2)
+        if not self._use_imds:
+            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        boto_session = self._boto3.session.Session(botocore_session=session)
+        return boto_session.client("sts", region_name=self._region, endpoint_url=self._endpoint,
+                                   config=self._client_config)
+
+    def assume_role(self, spec: RoleSpec) -> Credentials:
+        """One AssumeRole call for spec; raise CredentialError with STS's code on failure."""
+        duration = 3600 if self._short_roles.get(spec.arn) else spec.duration
+        try:
+            return self._assume(spec, duration)
+        except CredentialError as exc:
+            if exc.code == "ValidationError" and "MaxSessionDuration" in exc.message and duration != 3600:
+                if not self._short_roles.get(spec.arn):
+                    log.warning("role %s does not allow %d-second sessions; using 3600", spec.arn, duration)
+                self._short_roles[spec.arn] = True
+                return self._assume(spec, 3600)
+            raise
+
+    def _assume(self, spec: RoleSpec, duration: int) -> Credentials:
+        client = self._client
+        if client is None:
+            try:
+                client = self._client = self._make_client()
+            except self._errors.BotoCoreError as exc:
+                raise CredentialError("STSClientError", str(exc)) from None
+        params = {"RoleArn": spec.arn, "RoleSessionName": spec.session_name, "DurationSeconds": duration}
+        if spec.policy:
+            params["Policy"] = spec.policy
+        if spec.external_id:
+            params["ExternalId"] = spec.external_id
+        if spec.policy_arns:
+            params["PolicyArns"] = [{"arn": arn} for arn in spec.policy_arns]
+        if spec.tags:
+            params["Tags"] = [{"Key": key, "Value": value} for key, value in spec.tags]
+        if spec.source_identity:
+            params["SourceIdentity"] = spec.source_identity
+        try:
+            answer = client.assume_role(**params)["Credentials"]
+        except self._errors.NoCredentialsError:
+            # The host may get credentials later (an instance profile attached, a file written):
+            # build a fresh client, with a fresh credential chain, on the next try.
+            self._client = None
+            raise CredentialError("NoHostCredentials", "the proxy has no AWS credentials of its own") from None
+        except self._errors.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "Unknown")
+            raise CredentialError(code, error.get("Message", ""), code not in NON_RETRYABLE) from None
+        except self._errors.ParamValidationError as exc:
+            raise CredentialError("InvalidParameter", str(exc).replace("\n", " "), retryable=False) from None
+        except self._errors.BotoCoreError as exc:
+            raise CredentialError("STSUnavailable", str(exc)) from None
+        now = time.time()
+        expiration = answer["Expiration"]
+        expiration = expiration.timestamp() if hasattr(expiration, "timestamp") else float(expiration)
+        return Credentials.issue(answer["AccessKeyId"], answer["SecretAccessKey"], answer["SessionToken"],
+                                 expiration, now, spec.account_id)
+
+
+def refresh_margin(lifetime: float) -> float:
+    """How long before expiry to refresh: 40 minutes for an hour-long session, half for longer ones.
+
+    botocore treats credentials with less than ~15 minutes left as expiring, so a
+    client must always be handed credentials with plenty of time left.
+    """
+    return max(lifetime / 2, min(2400.0, lifetime - 300.0))
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    """The cache's state for one (container, role) key."""
+
+    label: str
+    creds: Optional[Credentials] = None
+    refresh_at: float = 0.0
+    done: Optional[threading.Event] = None   # set when the fetch under way ends
+    running: bool = False
+    error: Optional[CredentialError] = None
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+class CredentialCache:
+    """Per-container credentials: prefetched, refreshed ahead of expiry, single-flight per key.
+
+    Requests never wait on a lock held across I/O: STS calls run on worker
+    threads; a request waits (bounded) only on the event of the fetch it needs.
+    Background fetches (prefetch, refresh, retry) are released at a paced rate;
+    a fetch a request is waiting for goes first.
+    """
+
+    MIN_VALID = 60.0   # never hand out credentials with less than this left
+
+    def __init__(self, sts, workers: int = 6, background_rate: float = 25.0,
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
+        self._sts = sts
+        self._clock = clock
+        self._rate = background_rate
+        self._retry_cap = retry_cap
+        self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
+        self._by_container: Dict[str, set] = {}
+        self._lock = threading.Lock()
+        self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # sorted background work
+        self._due_changed = threading.Condition(self._lock)
+        self._work: "queue.PriorityQueue" = queue.PriorityQueue()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._workers = workers
+        self.sts_calls = 0
+        self.reachable: Optional[bool] = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self) -> None:
+        threading.Thread(target=self._release_loop, name="sts-pacer", daemon=True).start()
+        for number in range(self._workers):
+            threading.Thread(target=self._work_loop, name=f"sts-{number}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._due_changed.notify_all()
+        for _ in range(self._workers):
+            self._work.put((-1, 0, None))
+
+    # The request path
+
+    def cached(self, container_id: str, spec: RoleSpec) -> Optional[Credentials]:
+        """Credentials to hand out now, without waiting; schedules a refresh when one is due."""
+        entry = self._entries.get((container_id, spec))
+        if entry is None or entry.creds is None:
+            return None
+        now = self._clock()
+        if entry.creds.expiration - now <= self.MIN_VALID:
+            return None
+        if now >= entry.refresh_at and entry.done is None and now >= entry.retry_at:
+            with self._lock:
+                if entry.done is None:
+                    self._fetch_locked((container_id, spec), entry, 0)
+        return entry.creds
+
+    def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
+        """Credentials for the container, waiting at most timeout for STS; else CredentialError."""
+        creds = self.cached(container_id, spec)
+        if creds is not None:
+            return creds
+        key = (container_id, spec)
+        with self._lock:
+            entry = self._entry_locked(key, label)
+            if entry.done is None:
+                if entry.error is not None and self._clock() < entry.retry_at:
+                    raise entry.error   # backing off: answer at once rather than hammer STS
+                self._fetch_locked(key, entry, 0)
+            elif not entry.running:
+                self._enqueue(key, 0)   # released in the background but still queued: go first
+            done = entry.done
+        done.wait(timeout)
+        creds = self.cached(container_id, spec)
+        if creds is not None:
+            return creds
+        raise entry.error or CredentialError("STSTimeout", "STS did not answer in time")
+
+    # Background work
+
+    def prefetch(self, container_id: str, label: str, spec: RoleSpec) -> None:
+        """Fetch credentials for a new container in the background (paced)."""
+        with self._lock:
+            entry = self._entry_locked((container_id, spec), label)
+            if entry.creds is None and entry.done is None:
+                self._schedule_locked((container_id, spec), self._clock())
+
+    def drop_container(self, container_id: str) -> None:
+        """Forget every credential of a container that is gone."""
+        with self._lock:
+            for key in self._by_container.pop(container_id, ()):
+                self._entries.pop(key, None)
+
+    def _entry_locked(self, key, label: str) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(label)
+            self._by_container.setdefault(key[0], set()).add(key)
+        return entry
+
+    def _schedule_locked(self, key, when: float) -> None:
+        self._seq += 1
+        bisect.insort(self._due, (when, self._seq, key))
+        self._due_changed.notify()
+
+    def _fetch_locked(self, key, entry: _Entry, priority: int) -> None:
+        entry.done = threading.Event()
+        self._enqueue(key, priority)
+
+    def _enqueue(self, key, priority: int) -> None:
+        self._seq += 1
+        self._work.put((priority, self._seq, key))
+
+    def _release_loop(self) -> None:
+        """Release due background fetches into the work queue, at most `rate` a second."""
+        interval = 1.0 / self._rate
+        while not self._stop.is_set():
+            with self._lock:
+                now = self._clock()
+                if not self._due:
+                    self._due_changed.wait(1.0)
+                    continue
+                when, _, key = self._due[0]
+                if when > now:
+                    self._due_changed.wait(min(when - now, 1.0))
+                    continue
+                self._due.pop(0)
+                entry = self._entries.get(key)
+                needed = (entry is not None and entry.done is None
+                          and (entry.creds is None or now >= entry.refresh_at))
+                if needed:
+                    self._fetch_locked(key, entry, 1)
+            if needed and self._stop.wait(interval):
+                return
+
+    def _work_loop(self) -> None:
+        while True:
+            _, _, key = self._work.get()
+            if key is None:
+                return
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry.done is None or entry.running:
+                    continue   # dropped, already done, or a duplicate of a promoted fetch
+                entry.running = True
+            self._fetch(key, entry)
+
+    def _fetch(self, key, entry: _Entry) -> None:
+        container_id, spec = key
+        creds = error = None
+        try:
+            self.sts_calls += 1
+            creds = self._sts.assume_role(spec)
+        except CredentialError as exc:
+            error = exc
+        except Exception as exc:   # a bug or an SDK surprise must not kill the worker
+            log.exception("AssumeRole %s for %s failed unexpectedly", spec.arn, entry.label)
+            error = CredentialError("InternalError", type(exc).__name__)
+        now = self._clock()
+        with self._lock:
+            done, entry.done, entry.running = entry.done, None, False
+            current = self._entries.get(key) is entry
+            if creds is not None:
+                lifetime = max(creds.expiration - now, 0.0)
+                entry.creds, entry.error, entry.failures = creds, None, 0
+                entry.refresh_at = creds.expiration - refresh_margin(lifetime) * random.uniform(1.0, 1.05)
+                if current:
+                    self._schedule_locked(key, entry.refresh_at)
+            else:
+                entry.error = error
+                entry.failures += 1
+                cap = self._retry_cap if error.retryable else self._retry_cap * 8
+                entry.retry_at = now + backoff_delay(entry.failures - 1, 0.5, cap)
+                if current:
+                    self._schedule_locked(key, entry.retry_at)
+        done.set()
+        if creds is not None:
+            log.debug("assumed %s for %s as session %s, expiring %s",
+                      spec.arn, entry.label, spec.session_name, iso8601(creds.expiration))
+            if self.reachable is not True:
+                self.reachable = True
+                log.info("STS is answering: credentials assumed for %s", entry.label)
+        else:
+            first = entry.failures == 1 or not error.retryable
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "AssumeRole %s for %s failed (attempt %d): %s; retrying in %.1fs",
+                    spec.arn, entry.label, entry.failures, error, entry.retry_at - now)
+            if error.code in ("STSUnavailable", "NoHostCredentials", "STSClientError"):
+                self.reachable = False
+
+
+#####################################################################
+# IMDS protocol #####################################################
+# Owns IMDSv2 tokens, path normalisation, and the routing of one request:
+# answered here (tokens, credentials), forwarded to the host IMDS, or refused.
+
+TOKEN_PATH = ("latest", "api", "token")
+TOKEN_TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds"
+TOKEN_HEADER = "x-aws-ec2-metadata-token"
+# Segments that name credentials: a path holding one is answered here or refused, never forwarded.
+CREDENTIAL_SEGMENTS = {"iam", "security-credentials", "security-credentials-extended",
+                       "identity-credentials"}
+
+
+class TokenIssuer:
+    """Stateless IMDSv2 tokens: an expiry and a nonce, signed with a per-process key, bound to a caller.
+
+    Nothing is stored per token, so a flood of token requests cannot grow memory.
+    """
+
+    def __init__(self, key: Optional[bytes] = None, clock: Callable[[], float] = time.time):
+        self._key = key or secrets.token_bytes(32)
+        self._clock = clock
+
+    def _mac(self, payload: bytes, binding: str) -> bytes:
+        return hmac.new(self._key, payload + binding.encode(), hashlib.sha256).digest()[:24]
+
+    def issue(self, binding: str, ttl: int) -> str:
+        payload = struct.pack(">Q", int(self._clock()) + ttl) + secrets.token_bytes(8)
+        return base64.urlsafe_b64encode(payload + self._mac(payload, binding)).decode().rstrip("=")
+
+    def valid(self, token: str, binding: str) -> bool:
+        if len(token) != 54:
+            return False
+        try:
+            raw = base64.urlsafe_b64decode(token + "==")
+        except ValueError:
+            return False
+        payload, mac = raw[:16], raw[16:]
+        if len(raw) != 40 or not hmac.compare_digest(mac, self._mac(payload, binding)):
+            return False
+        return self._clock() < struct.unpack(">Q", payload[:8])[0]
+
+
+class BadRequest(Exception):
+    """The request cannot be understood; status is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+def normalize_path(target: str) -> str:
+    """Resolve a request target the way a server would: one percent-decoding, then dot segments.
+
+    Absolute-form targets lose their scheme and host; the query is dropped.
+    The result is what the proxy routes on and exactly what it forwards (re-quoted).
+    """
+    if not target.startswith("/"):
+        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        else:
+            raise BadRequest(400, "request target is not a path")
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if "%" in path:
+        try:
+            path = urllib.parse.unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest(400, "path is not UTF-8") from None
+    if any(ord(char) < 0x20 or ord(char) == 0x7f for char in path):
+        raise BadRequest(400, "control character in path")
+    path = path.replace("\\", "/")
+    if "//" not in path and "/." not in path:
+        return path
+    segments: List[str] = []
+    raw = path.split("/")
+    for segment in raw[1:]:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in (".", ""):
+            segments.append(segment)
+    trailing = raw[-1] in ("", ".", "..") and bool(segments)
+    return "/" + "/".join(segments) + ("/" if trailing else "")
+
+
+@dataclasses.dataclass
+class Answer:
+    """One response: status, body, extra headers, and who it was for (for the log line)."""
+
+    status: int
+    body: bytes = b""
+    headers: Tuple[Tuple[str, str], ...] = ()
+    container: str = "-"
+    role: str = "-"
+
+
+NOT_FOUND = b"404 - Not Found"
+
+
+def text_answer(status: int, text: str, **who) -> Answer:
+    return Answer(status, text.encode(), **who)
+
+
+class UpstreamError(Exception):
+    """The host metadata service failed; status is 502 or 504."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class MetadataUpstream:
+    """The host's real metadata service over kept-alive connections, with the proxy's own IMDSv2 token."""
+
+    TOKEN_TTL = 21600
+    MAX_BODY = 1 << 20
+
+    def __init__(self, url: str, connect_timeout: float = 1.0, read_timeout: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, pool_size: int = 8):
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self._host = parts.hostname
+        self._port = parts.port or 80
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._clock = clock
+        self._pool_size = pool_size
+        self._idle: List[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._token: Optional[str] = None
+        self._token_expiry = 0.0
+        self._v1_until = 0.0
+        self.reachable: Optional[bool] = None
+
+    def _request(self, method: str, path: str, headers: Dict[str, str]):
+        """One request with one retry when a kept-alive connection turns out to be closed."""
+        for attempt in (0, 1):
+            with self._lock:
+                conn = self._idle.pop() if self._idle and attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                    conn.sock.settimeout(self._read_timeout)
+                conn.request(method, path, headers=headers)
+                response = conn.getresponse()
+                length = response.getheader("Content-Length")
+                if length is not None and length.isdigit() and int(length) > self.MAX_BODY:
+                    raise UpstreamError(502, "answer too large")
+                body = response.read(self.MAX_BODY + 1) if method != "HEAD" else b""
+                if len(body) > self.MAX_BODY:
+                    raise UpstreamError(502, "answer too large")
+            except UpstreamError:
+                conn.close()
+                raise
+            except socket.timeout:
+                conn.close()
+                raise UpstreamError(504, "timed out") from None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if reused:
+                    continue   # the server closed an idle kept-alive connection; try a fresh one
+                raise UpstreamError(502, "connection closed") from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                raise UpstreamError(502, getattr(exc, "strerror", None) or type(exc).__name__) from None
+            if response.will_close:
+                conn.close()
+            else:
+                with self._lock:
+                    if len(self._idle) < self._pool_size:
+                        self._idle.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+            return response.status, response.getheader("Location"), body
+        raise UpstreamError(502, "connection closed")
+
+    def _host_token(self) -> Optional[str]:
+        """The proxy's own IMDSv2 token, or None where the host service speaks IMDSv1 only."""
+        now = self._clock()
+        if self._token and now < self._token_expiry:
+            return self._token
+        if now < self._v1_until:
+            return None
+        status, _, body = self._request("PUT", "/latest/api/token", {TOKEN_TTL_HEADER: str(self.TOKEN_TTL)})
+        if status == 200:
+            self._token = body.decode("ascii", "replace").strip()
+            self._token_expiry = now + self.TOKEN_TTL - 300
+            return self._token
+        if status in (403, 404, 405):
+            self._v1_until = now + 300
+            return None
+        raise UpstreamError(502, f"token request answered {status}")
+
+    def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
+        """Forward a GET or HEAD; returns (status, Location, body); raises UpstreamError."""
+        for attempt in (0, 1):
+            token = self._host_token()
+            headers = {TOKEN_HEADER: token} if token else {}
+            status, location, body = self._request(method, urllib.parse.quote(path, safe="/-._~!$&'()*+,;=:@"),
+                                                   headers)
+            if status == 401 and token and attempt == 0:
+                self._token = None   # the host token expired or the service restarted
+                continue
+            return status, location, body
+        return status, location, body
+
+    def probe(self) -> bool:
+        """Try the service once (start-up); log once when it is or is not reachable."""
+        try:
+            self._host_token()
+            self.fetch("GET", "/latest/meta-data/instance-id")
+        except UpstreamError as exc:
+            if self.reachable is not False:
+                log.warning("the metadata service at %s is not reachable yet (%s); forwarded paths "
+                            "answer 502/504 until it is; retrying", self.url, exc)
+            self.reachable = False
+            return False
+        if self.reachable is not True:
+            log.info("the metadata service at %s is reachable", self.url)
+        self.reachable = True
+        return True
+
+
+class MockMetadata:
+    """A built-in metadata tree for running outside EC2 (mock mode); credentials stay real."""
+
+    def __init__(self, region: str):
+        self._files = {
+            "meta-data/ami-id": "ami-0123456789abcdef0",
+            "meta-data/hostname": "ip-127-0-0-1.ec2.internal",
+            "meta-data/instance-id": "i-0123456789abcdef0",
+            "meta-data/instance-type": "t3.micro",
+            "meta-data/local-hostname": "ip-127-0-0-1.ec2.internal",
+            "meta-data/local-ipv4": "127.0.0.1",
+            "meta-data/mac": "02:00:00:00:00:01",
+            "meta-data/placement/availability-zone": region + "a",
+            "meta-data/placement/region": region,
+            "meta-data/services/domain": "amazonaws.com",
+            "meta-data/services/partition": "aws",
+            "dynamic/instance-identity/document": json.dumps({
+                "accountId": "000000000000", "architecture": "x86_64",
+                "availabilityZone": region + "a", "imageId": "ami-0123456789abcdef0",
+                "instanceId": "i-0123456789abcdef0", "instanceType": "t3.micro",
+                "privateIp": "127.0.0.1", "region": region, "version": "2017-09-30"}, indent=2),
+        }
+        self._dirs: Dict[str, set] = {}
+        for name in self._files:
+            parts = name.split("/")
+            for depth in range(len(parts)):
+                child = parts[depth] + ("/" if depth < len(parts) - 1 else "")
+                self._dirs.setdefault("/".join(parts[:depth]), set()).add(child)
+        self._dirs["meta-data"].add("iam/")
+
+    def answer(self, path: str) -> Tuple[int, Optional[str], bytes]:
+        if path == "/":
+            return 200, None, b"1.0\nlatest"
+        relative = path.strip("/").split("/", 1)[1] if path.strip("/").count("/") else ""
+        trailing = path.endswith("/")
+        if relative in self._files and not trailing:
+            return 200, None, self._files[relative].encode()
+        if relative in self._dirs:
+            if not trailing:
+                return 301, path + "/", b""
+            return 200, None, "\n".join(sorted(self._dirs[relative])).encode()
+        return 404, None, NOT_FOUND
+
+
+class MetadataService:
+    """Answers one IMDS request from one source address: tokens, credentials, forwarding, refusals."""
+
+    def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
+                 tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3):
+        self.index = index
+        self.roles = roles
+        self.credentials = credentials
+        self.tokens = tokens
+        self.upstream = upstream
+        self.wait_timeout = wait_timeout
+        self.resync_timeout = resync_timeout
+
+    def caller(self, source: str, resync: bool) -> Optional[Container]:
+        """The container behind a source address (one bounded resync first if asked), or a static mapping."""
+        container = self.index.lookup(source)
+        if container is None and resync:
+            container = self.index.lookup_or_resync(source, self.resync_timeout)
+        if container is None:
+            container = self.roles.static_container(source)
+        return container
+
+    def answer(self, method: str, target: str, headers: Mapping[str, str], source: str) -> Answer:
+        path = normalize_path(target)
+        segments = path.strip("/").split("/")
+        lower = [segment.lower() for segment in segments]
+        if lower[1:3] == ["api", "token"] and len(lower) == 3:
+            return self.token(method, lower, headers, source)
+        if method not in ("GET", "HEAD"):
+            return Answer(405, b"", (("Allow", "GET, HEAD"),))
+        token = headers.get(TOKEN_HEADER)
+        container = None
+        if token is not None:
+            container = self.caller(source, resync=False)
+            if not self.tokens.valid(token, self.binding(container, source)):
+                return text_answer(401, "401 - Unauthorized")
+        if len(lower) >= 3 and lower[1] == "meta-data" and lower[2] in ("iam", "identity-credentials"):
+            if VALID_VERSION.match(segments[0]) and lower[2] == "iam":
+                return self.iam(path, segments[3:], container or self.caller(source, resync=True))
+            return Answer(404, NOT_FOUND)
+        if CREDENTIAL_SEGMENTS.intersection(lower):
+            return Answer(404, NOT_FOUND)
+        try:
+            status, location, body = self.upstream.fetch(method, path)
+        except UpstreamError as exc:
+            log.debug("forwarding %s failed: %s", path, exc)
+            return text_answer(exc.status, f"{exc.status} - metadata service {exc}")
+        extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
+        return Answer(status, body, extra)
+
+    @staticmethod
+    def binding(container: Optional[Container], source: str) -> str:
+        return container.id if container is not None else "ip:" + source
+
+    def token(self, method: str, lower: List[str], headers: Mapping[str, str], source: str) -> Answer:
+        if method != "PUT":
+            return Answer(405, b"", (("Allow", "PUT"),))
+        if tuple(lower) != TOKEN_PATH:
+            return text_answer(403, "403 - Forbidden")
+        if "x-forwarded-for" in headers:
+            return text_answer(403, "403 - Forbidden")
+        ttl = headers.get(TOKEN_TTL_HEADER, "")
+        if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+            return text_answer(400, "400 - Bad Request")
+        container = self.caller(source, resync=True)
+        token = self.tokens.issue(self.binding(container, source), int(ttl))
+        return Answer(200, token.encode(), (("X-aws-ec2-metadata-token-ttl-seconds", ttl),),
+                      container.name if container else "-")
+
+    def iam(self, path: str, rest: List[str], container: Optional[Container]) -> Answer:
+        """Answer a path under meta-data/iam/ for one container; never the host's."""
+        spec = self.roles.role_for(container) if container is not None else None
+        who = {"container": container.name if container else "-", "role": spec.role_name if spec else "-"}
+        trailing = path.endswith("/")
+        kind = rest[0].lower() if rest else ""
+        directory = kind in ("security-credentials", "security-credentials-extended")
+        if (not rest and not trailing) or (len(rest) == 1 and not trailing and directory):
+            return Answer(301, b"", (("Location", path + "/"),), **who)
+        if spec is None:
+            return Answer(404, NOT_FOUND, **who)
+        if not rest:
+            return text_answer(200, "info\nsecurity-credentials/", **who)
+        if kind == "info" and len(rest) == 1 and not trailing:
+            return text_answer(200, self.info(spec), **who)
+        if not directory:
+            return Answer(404, NOT_FOUND, **who)
+        if len(rest) == 1:
+            return text_answer(200, spec.role_name, **who)
+        if rest[1] != spec.role_name:
+            return Answer(404, NOT_FOUND, **who)
+        try:
+            creds = self.credentials.get(container.id, container.name, spec, self.wait_timeout)
+        except CredentialError as exc:
+            log.debug("no credentials for %s: %s", container.name, exc)
+            error = {"Code": exc.code, "Message": "the proxy could not get credentials for this container",
+                     "LastUpdated": iso8601(time.time())}
+            return Answer(503, json.dumps(error, indent=2).encode(), **who)
+        return Answer(200, creds.extended_body if kind.endswith("extended") else creds.body, **who)
+
+    @staticmethod
+    def info(spec: RoleSpec) -> str:
+        """The container's own role as an instance profile; the host's profile is never shown."""
+        partition = spec.arn.split(":")[1]
+        profile_id = "AIPA" + hashlib.sha256(spec.arn.encode()).hexdigest()[:17].upper()
+        return json.dumps({
+            "Code": "Success",
+            "LastUpdated": iso8601(time.time()),
+            "InstanceProfileArn": f"arn:{partition}:iam::{spec.account_id}:instance-profile/{spec.role_name}",
+            "InstanceProfileId": profile_id,
+        }, indent=2)
+
+
+class MockUpstream:
+    """Adapts MockMetadata to the forwarding interface."""
+
+    def __init__(self, mock: MockMetadata):
+        self._mock = mock
+        self.reachable = True
+
+    def fetch(self, method: str, path: str):
+        return self._mock.answer(path)
+
+    def probe(self) -> bool:
+        return True
+
+
+#####################################################################
+# HTTP server #######################################################
+# Owns the listening socket, connection caps and fairness, and a lean
+# HTTP/1.1 reader and writer; each request goes to MetadataService.answer.
+
+STATUS_TEXT = {
+    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
+    414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+TOKEN_CHARS = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HTTP_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How much one client may send, how long it may take, and how many connections it may hold."""
+
+    max_request_line: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body: int = 65536
+    request_timeout: float = 5.0     # from a request's first byte to its last
+    idle_timeout: float = 5.0        # between requests on a kept-alive connection
+    max_connections: int = 512
+    max_per_source: int = 32
+    rate_per_source: float = 1000.0  # requests a second, sustained
+    burst_per_source: float = 2000.0
+
+
+class HttpError(Exception):
+    """A request that must be refused at the HTTP level; the connection is closed after it."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class ImdsRequestHandler(socketserver.BaseRequestHandler):
+    """Reads HTTP/1.1 requests off one connection and answers each through the server's service."""
+
+    def handle(self):
+        server = self.server
+        source = normalize_ip(self.client_address[0])
+        buffer = b""
+        while True:
+            started = time.perf_counter()
+            try:
+                head, buffer = self.read_head(buffer, started)
+                if head is None:
+                    return
+                method, target, version, headers = self.parse_head(head)
+                buffer = self.read_body(headers, buffer, started)
+            except HttpError as exc:
+                self.send(exc.status, STATUS_TEXT[exc.status].encode(), (), close=True)
+                log.info("%s - - - %s %d %.1fms (%s)", source, "-", exc.status,
+                         (time.perf_counter() - started) * 1000, exc)
+                return
+            except OSError:
+                return
+            keep = self.keep_alive(version, headers) and not server.draining
+            if not server.admit(source):
+                answer = text_answer(429, "429 - Too Many Requests")
+            else:
+                try:
+                    answer = server.service.answer(method, target, headers, source)
+                except BadRequest as exc:
+                    answer = text_answer(exc.status, f"{exc.status} - {exc}")
+                    keep = False
+                except Exception:   # a bug must cost one request, not the connection thread's silence
+                    log.exception("error answering %s %s from %s", method, ascii(target)[:200], source)
+                    answer = text_answer(500, "500 - Internal Server Error")
+                    keep = False
+            body = b"" if method == "HEAD" else answer.body
+            try:
+                self.send(answer.status, body, answer.headers, close=not keep, length=len(answer.body),
+                          version=version)
+            except OSError:
+                return
+            finally:
+                log.info("%s %s %s %s %s %d %.1fms", source, answer.container, answer.role, method,
+                         ascii(target)[1:-1][:200], answer.status, (time.perf_counter() - started) * 1000)
+            if not keep:
+                return
+
+    def read_head(self, buffer: bytes, started: float):
+        """Return (head, rest) once a whole head arrived; (None, b"") on a clean close or idle timeout."""
+        limits = self.server.limits
+        sock = self.request
+        deadline = None
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                return buffer[:end], buffer[end + 4:]
+            end = buffer.find(b"\n\n")
+            if end >= 0:
+                return buffer[:end], buffer[end + 2:]
+            if len(buffer) > limits.max_request_line and buffer.find(b"\n", 0, limits.max_request_line) < 0:
+                raise HttpError(414, "request line too long")
+            if len(buffer) > limits.max_request_line + limits.max_header_bytes:
+                raise HttpError(431, "headers too large")
+            if buffer and deadline is None:
+                deadline = time.monotonic() + limits.request_timeout
+            if deadline is None:
+                if not self.server.mark_idle(self, True):
+                    return None, b""
+                timeout = limits.idle_timeout
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise HttpError(408, "request not received in time")
+            sock.settimeout(timeout)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                if deadline is None:
+                    return None, b""
+                raise HttpError(408, "request not received in time") from None
+            finally:
+                if deadline is None:
+                    self.server.mark_idle(self, False)
+            if not chunk:
+                return None, b""
+            buffer += chunk
+
+    def parse_head(self, head: bytes):
+        limits = self.server.limits
+        if b"\0" in head:
+            raise HttpError(400, "NUL byte in request")
+        lines = head.split(b"\n")
+        request_line = lines[0].rstrip(b"\r")
+        if len(request_line) > limits.max_request_line:
+            raise HttpError(414, "request line too long")
+        parts = request_line.split(b" ")
+        if len(parts) != 3:
+            raise HttpError(400, "malformed request line")
+        method, target, version = parts
+        if not TOKEN_CHARS.match(method):
+            raise HttpError(400, "malformed method")
+        match = HTTP_VERSION.match(version)
+        if not match:
+            raise HttpError(400, "malformed HTTP version")
+        if match.group(1) != b"1":
+            raise HttpError(505, "unsupported HTTP version")
+        if len(lines) - 1 > limits.max_headers:
+            raise HttpError(431, "too many headers")
+        if len(head) - len(lines[0]) > limits.max_header_bytes:
+            raise HttpError(431, "headers too large")
+        headers: Dict[str, str] = {}
+        for line in lines[1:]:
+            line = line.rstrip(b"\r")
+            name, colon, value = line.partition(b":")
+            if not colon or not TOKEN_CHARS.match(name):
+                raise HttpError(400, "malformed header")
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t").decode("latin-1")
+            if key in headers:
+                if key in ("content-length", "host", "transfer-encoding") and headers[key] != text:
+                    raise HttpError(400, f"conflicting {key} headers")
+                continue
+            headers[key] = text
+        return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
+
+    def read_body(self, headers: Dict[str, str], buffer: bytes, started: float) -> bytes:
+        """Read and discard a request body (IMDS requests carry none); return what follows it."""
+        length = headers.get("content-length")
+        if "transfer-encoding" in headers:
+            if length is not None or headers["transfer-encoding"].lower() != "chunked":
+                raise HttpError(400, "unsupported transfer-encoding")
+            return self.read_chunked(buffer)
+        if length is None:
+            return buffer
+        if not length.isdigit():
+            raise HttpError(400, "malformed content-length")
+        length = int(length)
+        if length > self.server.limits.max_body:
+            raise HttpError(413, "request body too large")
+        buffer = self.read_until(buffer, lambda data: len(data) >= length)
+        return buffer[length:]
+
+    def read_chunked(self, buffer: bytes) -> bytes:
+        total = 0
+        while True:
+            buffer = self.read_until(buffer, lambda data: b"\r\n" in data)
+            size_line, _, buffer = buffer.partition(b"\r\n")
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise HttpError(400, "malformed chunk size") from None
+            total += size
+            if size < 0 or total > self.server.limits.max_body:
+                raise HttpError(413, "request body too large")
+            if size == 0:
+                buffer = self.read_until(buffer, lambda data: b"\r\n" in data)
+                while not buffer.startswith(b"\r\n"):   # trailers
+                    buffer = self.read_until(buffer.partition(b"\r\n")[2], lambda data: b"\r\n" in data)
+                return buffer[2:]
+            buffer = self.read_until(buffer, lambda data: len(data) >= size + 2)
+            buffer = buffer[size + 2:]
+
+    def read_until(self, buffer: bytes, complete) -> bytes:
+        limits = self.server.limits
+        deadline = time.monotonic() + limits.request_timeout
+        while not complete(buffer):
+            if len(buffer) > limits.max_body + 4096:
+                raise HttpError(413, "request body too large")
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise HttpError(408, "request body not received in time")
+            self.request.settimeout(timeout)
+            try:
+                chunk = self.request.recv(65536)
+            except socket.timeout:
+                raise HttpError(408, "request body not received in time") from None
+            if not chunk:
+                raise HttpError(400, "connection closed inside the body")
+            buffer += chunk
+        return buffer
+
+    @staticmethod
+    def keep_alive(version: str, headers: Mapping[str, str]) -> bool:
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+    def send(self, status: int, body: bytes, headers, close: bool, length: Optional[int] = None,
+             version: str = "HTTP/1.1") -> None:
+        lines = [f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Unknown')}\r\n"
+                 f"Server: EC2ws\r\nDate: {self.server.date()}\r\nContent-Type: text/plain\r\n"
+                 f"Content-Length: {len(body) if length is None else length}\r\n"]
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n")
+        if close:
+            lines.append("Connection: close\r\n")
+        elif version == "HTTP/1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append(self.server.keep_alive_hint if not close else "")
+        lines.append("\r\n")
+        self.request.settimeout(self.server.limits.request_timeout)
+        self.request.sendall("".join(lines).encode("latin-1") + body)
+
+
+class MetadataProxyServer(ThreadingHTTPServer):
+    """The listening socket: a thread per connection, capped per source address and in total."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address: Tuple[str, int], service: MetadataService, limits: Limits = Limits(),
+                 handler=ImdsRequestHandler):
+        host, port = address
+        if host in ("", "::") or ":" in host:
+            self.address_family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+            host = host or ("::" if socket.has_ipv6 else "0.0.0.0")
+        self.service = service
+        self.limits = limits
+        self.draining = False
+        self.keep_alive_hint = f"Keep-Alive: timeout={int(limits.idle_timeout)}\r\n"
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._per_source: Dict[str, int] = {}
+        self._total = 0
+        self._idle: set = set()
+        self._buckets: Dict[str, List[float]] = {}
+        self._date = (0, "")
+        super().__init__((host, port), handler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            # Dual-stack, like Go's ":18000": IPv4 callers arrive as ::ffff:a.b.c.d.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # TCPServer's bind, not HTTPServer's: that one does a reverse DNS lookup of the address.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
+        return self._date[1]
+
+    def process_request(self, request, client_address):
+        source = normalize_ip(client_address[0])
+        with self._lock:
+            admitted = (not self.draining and self._total < self.limits.max_connections
+                        and self._per_source.get(source, 0) < self.limits.max_per_source)
+            if admitted:
+                self._total += 1
+                self._per_source[source] = self._per_source.get(source, 0) + 1
+        if not admitted:
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 429 Too Many Requests\r\nServer: EC2ws\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            log.debug("refused a connection from %s: over the connection cap", source)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:   # no thread could be started
+            self._release(source)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(normalize_ip(client_address[0]))
+
+    def _release(self, source: str) -> None:
+        with self._lock:
+            self._total -= 1
+            count = self._per_source.get(source, 1) - 1
+            if count:
+                self._per_source[source] = count
+            else:
+                self._per_source.pop(source, None)
+            if self._total == 0:
+                self._drained.notify_all()
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error on the connection from %s", client_address[0])
+
+    def admit(self, source: str) -> bool:
+        """A token bucket per source: a flood from one container gets 429s, not everyone's time."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.get(source)
+            if bucket is None:
+                if len(self._buckets) > 10000:
+                    self._buckets.clear()
+                bucket = self._buckets[source] = [self.limits.burst_per_source, now]
+            tokens = min(self.limits.burst_per_source, bucket[0] + (now - bucket[1]) * self.limits.rate_per_source)
+            bucket[1] = now
+            if tokens < 1:
+                bucket[0] = tokens
+                return False
+            bucket[0] = tokens - 1
+            return True
+
+    def mark_idle(self, handler, idle: bool) -> bool:
+        """Track connections waiting for their next request; False when draining (close it)."""
+        with self._lock:
+            if idle:
+                if self.draining:
+                    return False
+                self._idle.add(handler)
+            else:
+                self._idle.discard(handler)
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking new requests, close idle connections, wait for requests in flight."""
+        with self._lock:
+            self.draining = True
+            for handler in self._idle:
+                try:
+                    handler.request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return self._drained.wait_for(lambda: self._total == 0, timeout)
+
+
+#####################################################################
+# main ##############################################################
+# Owns the command line, logging, signals, and the wiring of the parts.
+
+# A run of 32+ base64 characters mixing upper case, lower case and digits: the shape of a secret
+# key, a session token (between its slashes) or an IMDSv2 token, and not of a path, an ARN or a
+# hex container id.
+SECRET_LIKE = re.compile(r"(?=[A-Za-z0-9+=_-]*[A-Z])(?=[A-Za-z0-9+=_-]*[a-z])(?=[A-Za-z0-9+=_-]*[0-9])"
+                         r"[A-Za-z0-9+=_-]{32,}")
+
+
+class RedactingFormatter(logging.Formatter):
+    """Blanks anything shaped like a secret key, session token or IMDSv2 token, whatever logged it."""
+
+    def format(self, record):
+        return SECRET_LIKE.sub("[redacted]", super().format(record))
+
+
+def configure_logging(verbose: bool, stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The SDK's debug output includes response bodies, credentials among them: never let it through.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class StartupError(Exception):
+    """The proxy cannot start (port in use, Docker socket path not a socket)."""
+
+
+class Proxy:
+    """Wires config, Docker, roles, credentials and the server together, and runs them."""
+
+    def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8):
+        self.config = config
+        self._check_docker_socket(config.docker_socket)
+        self.roles = RoleResolver(config)
+        self.credentials = CredentialCache(sts if sts is not None else StsClient(
+            config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url,
+            use_imds=not config.mock))
+        self.index = ContainerIndex(DockerClient(config.docker_socket), with_env=config.env_roles,
+                                    on_added=self._added, on_removed=self._removed)
+        if config.mock:
+            region = config.sts_region or os.environ.get("AWS_REGION") or "us-east-1"
+            self.upstream = MockUpstream(MockMetadata(region))
+        else:
+            self.upstream = MetadataUpstream(config.metadata_url)
+        self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(),
+                                       self.upstream, wait_timeout=wait_timeout)
+        try:
+            self.server = MetadataProxyServer(config.listen, self.service, limits)
+        except OSError as exc:
+            host, port = config.listen
+            raise StartupError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from None
+        self._stop = threading.Event()
+        self.stopped = threading.Event()
+
+    @staticmethod
+    def _check_docker_socket(path: str) -> None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return   # not there yet: Docker may start later, and the proxy waits for it
+        if not stat.S_ISSOCK(mode):
+            raise StartupError(f"dockerHost: {path} exists but is not a unix socket")
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.server.server_address[:2]
+
+    def _added(self, containers: List[Container]) -> None:
+        for container in containers:
+            spec = self.roles.role_for(container)
+            if spec is not None:
+                self.credentials.prefetch(container.id, container.name, spec)
+
+    def _removed(self, container_ids: List[str]) -> None:
+        for container_id in container_ids:
+            self.credentials.drop_container(container_id)
+        self.roles.forget(container_ids)
+
+    def start(self) -> None:
+        """Everything but the accept loop: list containers first, so the first requests are known."""
+        self.credentials.start()
+        self.index.sync_once()
+        self.index.start()
+        threading.Thread(target=self._probe_upstream, name="imds-probe", daemon=True).start()
+        host, port = self.address
+        log.info("ec2metaproxy %s listening on %s:%d (%d containers, %d aliases%s)", __version__,
+                 host, port, len(self.index), len(self.config.alias_to_arn),
+                 ", mock metadata" if self.config.mock else "")
+
+    def _probe_upstream(self) -> None:
+        backoff = Backoff(self._stop, base=1.0, cap=30.0)
+        while not self.upstream.probe():
+            if not backoff.wait():
+                return
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever(poll_interval=0.2)
+
+    def shutdown(self, timeout: float = 4.0) -> None:
+        """Stop accepting, let requests in flight finish (bounded), stop the background threads."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.server.shutdown()
+        drained = self.server.drain(timeout)
+        self.server.server_close()
+        self.index.stop()
+        self.credentials.stop()
+        log.info("stopped%s", "" if drained else " (some connections were cut off)")
+        self.stopped.set()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ec2metaproxy",
+        description="EC2 instance metadata proxy giving each Docker container its own IAM role.")
+    parser.add_argument("-c", "--config", required=True, metavar="PATH", help="JSON config file")
+    parser.add_argument("--check", action="store_true", help="validate the config file and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ec2metaproxy: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ec2metaproxy: {args.config}: OK")
+        return 0
+    configure_logging(config.verbose)
+    try:
+        proxy = Proxy(config)
+    except StartupError as exc:
+        print(f"ec2metaproxy: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        threading.Thread(target=proxy.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    proxy.start()
+    proxy.serve_forever()
+    proxy.stopped.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,11 +82,14 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
 
-    def wait(self) -> bool:
-        """Sleep for the next delay; return False if the proxy is stopping."""
+    def next_delay(self) -> float:
         delay = backoff_delay(self.failures, self._base, self._cap)
         self.failures += 1
-        return not self._stop.wait(delay)
+        return delay
+
+    def wait(self) -> bool:
+        """Sleep for the next delay; return False if the proxy is stopping."""
+        return not self._stop.wait(self.next_delay())
 
 
 #####################################################################
@@ -395,9 +398,9 @@ def parse_config(data) -> Config:
     config = Config(**values)
     if config.default_alias is not None and config.default_alias not in config.alias_to_arn:
         raise ConfigError(f"defaultAlias: {config.default_alias!r} is not an alias in aliasToARN")
-    for network, alias in config.static_mappings:
+    for source, alias in data.get("staticMappings", {}).items():
         if alias not in config.alias_to_arn:
-            raise ConfigError(f"staticMappings.{network}: {alias!r} is not an alias in aliasToARN")
+            raise ConfigError(f"staticMappings.{source}: {alias!r} is not an alias in aliasToARN")
     for index, pattern in enumerate(config.allowed_roles):
         if not pattern.startswith("arn:"):
             raise ConfigError(f"allowedRoles[{index}]: {pattern!r} is not an ARN pattern (arn:aws:iam::*:role/...)")
@@ -573,15 +576,19 @@ class ContainerIndex:
     unknown callers coalesce into one call; another follows the event stream.
     """
 
+    RELIST_AFTER = 0.05   # an unknown caller's second look, for a container Docker lists late
+
     def __init__(self, docker: DockerClient, with_env: bool = False,
                  on_added: Callable[[List[Container]], None] = lambda added: None,
                  on_removed: Callable[[List[str]], None] = lambda removed: None,
-                 unknown_interval: float = 0.25, clock: Callable[[], float] = time.monotonic):
+                 unknown_rate: float = 4.0, unknown_burst: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._docker = docker
         self._with_env = with_env
         self._on_added = on_added
         self._on_removed = on_removed
-        self._unknown_interval = unknown_interval
+        self._unknown_rate = unknown_rate
+        self._unknown_burst = unknown_burst
         self._clock = clock
         self._by_ip: Dict[str, Optional[Container]] = {}
         self._by_id: Dict[str, Container] = {}
@@ -591,8 +598,8 @@ class ContainerIndex:
         self._started = 0     # listings begun
         self._finished = 0    # listings completed (or failed)
         self._tombstones: Dict[str, float] = {}   # container id or id/network -> time removed
-        self._last_began = -1e18   # when the latest listing began
-        self._not_before = 0.0     # a listing asked for by unknown callers waits until then
+        self._urgent = False       # the pending listing was asked for by a Docker event
+        self._budget = (unknown_burst, clock())   # token bucket for listings unknown callers ask for
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self.reachable: Optional[bool] = None
@@ -610,21 +617,29 @@ class ContainerIndex:
         return len(self._by_id)
 
     def lookup_or_resync(self, ip: str, timeout: float) -> Optional[Container]:
-        """Look ip up; if unknown, wait (bounded) for a listing begun after now and look again.
+        """Look ip up; if unknown, wait (bounded) until a listing or an event shows it.
 
-        Closes the race of a container asking before its start event arrives. Listings asked
-        for this way begin at most once per unknown_interval, so callers that stay unknown,
-        however many, cannot turn into a stream of Docker calls.
+        Closes the race of a container asking before Docker reports it: its process can send
+        traffic some milliseconds before its address shows in a listing (and its start event
+        comes after that). So the caller asks for one listing now and one a little later, and
+        waits for its address to show, from those or from the listing its start event brings.
+        Callers asking at the same moment share listings, and listings asked for this way
+        come out of a token bucket: callers that stay unknown cannot become a stream of calls.
         """
         container = self._by_ip.get(ip)
         if container is not None or ip in self._by_ip:
             return container
+        deadline = self._clock() + timeout
         with self._lock:
-            pending = self._requested > self._started
             wanted = self._request_locked(urgent=False)
-            if not pending:
-                self._not_before = self._last_began + self._unknown_interval
-            self._changed.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout)
+
+            def known():
+                # Also give up once a listing has failed: Docker is down and nothing will show.
+                return (ip in self._by_ip or self._stop.is_set()
+                        or (self._finished >= wanted and self.reachable is False))
+            if not self._changed.wait_for(known, min(self.RELIST_AFTER, max(0.0, deadline - self._clock()))):
+                self._request_locked(urgent=False)
+                self._changed.wait_for(known, max(0.0, deadline - self._clock()))
         return self._by_ip.get(ip)
 
     # Changes
@@ -637,10 +652,19 @@ class ContainerIndex:
         # A listing that has not begun yet will see this change; otherwise ask for the next one.
         if self._requested <= self._started:
             self._requested = self._started + 1
-        if urgent:
-            self._not_before = 0.0   # a Docker event: list now, whoever asked before
+            self._urgent = urgent
+        elif urgent:
+            self._urgent = True   # a Docker event: list now, whoever asked before
         self._changed.notify_all()
         return self._requested
+
+    def _budget_wait_locked(self) -> float:
+        """Seconds until the unknown-caller bucket holds a listing (0: take it now)."""
+        tokens, then = self._budget
+        now = self._clock()
+        tokens = min(self._unknown_burst, tokens + (now - then) * self._unknown_rate)
+        self._budget = (tokens, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._unknown_rate
 
     def wait_synced(self, timeout: float) -> bool:
         """Wait until the listing asked for so far has completed."""
@@ -774,7 +798,6 @@ class ContainerIndex:
         with self._lock:
             self._started += 1
             ticket = self._started
-            self._last_began = began
         try:
             listing = self._list()
         except DockerError as exc:
@@ -790,21 +813,30 @@ class ContainerIndex:
         return ok
 
     def _resync_loop(self) -> None:
-        backoff = Backoff(self._stop)
+        backoff = Backoff(self._stop, cap=5.0)
         while not self._stop.is_set():
             with self._lock:
                 self._changed.wait_for(lambda: self._requested > self._started or self._stop.is_set())
-                while not self._stop.is_set() and self._not_before > self._clock():
-                    self._changed.wait(self._not_before - self._clock())
+                while not self._stop.is_set() and not self._urgent:
+                    delay = self._budget_wait_locked()
+                    if delay <= 0:
+                        tokens, now = self._budget
+                        self._budget = (tokens - 1, now)
+                        break
+                    self._changed.wait(delay)
+                self._urgent = False
                 if self._stop.is_set():
                     return
             if self._resync_step():
                 backoff.reset()
-            elif not backoff.wait():
-                return
+                continue
+            # Docker failed: back off, unless a Docker event says it is back.
+            delay = backoff.next_delay()
+            with self._lock:
+                self._changed.wait_for(lambda: self._urgent or self._stop.is_set(), delay)
 
     def _event_loop(self) -> None:
-        backoff = Backoff(self._stop)
+        backoff = Backoff(self._stop, cap=5.0)
         while not self._stop.is_set():
             try:
                 stream = self._docker.events()
@@ -1094,7 +1126,7 @@ class StsClient:
 
     def __init__(self, region: Optional[str] = None, endpoint: Optional[str] = None,
                  metadata_url: Optional[str] = None, connect_timeout: float = 1.0,
-                 read_timeout: float = 3.0, use_imds: bool = True):
+                 read_timeout: float = 3.0):
         import boto3
         import botocore.config
         import botocore.exceptions
@@ -1104,7 +1136,6 @@ class StsClient:
         self._region = region
         self._endpoint = endpoint
         self._metadata_url = metadata_url
-        self._use_imds = use_imds
         self._client_config = botocore.config.Config(
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
@@ -1112,18 +1143,28 @@ class StsClient:
         self._client = None
         self._short_roles: Dict[str, bool] = {}
 
-    def _make_client(self):
+    def _session(self):
         session = self._new_session()
         # The proxy's own credentials come from the metadata service it forwards to.
         if self._metadata_url:
             session.set_config_variable("ec2_metadata_service_endpoint", self._metadata_url + "/")
         session.set_config_variable("metadata_service_timeout", 1)
         session.set_config_variable("metadata_service_num_attempts", 2)
-        if not self._use_imds:
-            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-        boto_session = self._boto3.session.Session(botocore_session=session)
+        return session
+
+    def _make_client(self):
+        boto_session = self._boto3.session.Session(botocore_session=self._session())
         return boto_session.client("sts", region_name=self._region, endpoint_url=self._endpoint,
                                    config=self._client_config)
+
+    def credential_source(self) -> Optional[str]:
+        """Where the proxy's own AWS credentials come from (botocore's name for it), or None."""
+        try:
+            credentials = self._session().get_credentials()
+        except self._errors.BotoCoreError as exc:
+            log.debug("looking for the proxy's own AWS credentials failed: %s", exc)
+            return None
+        return credentials.method if credentials is not None else None
 
     def assume_role(self, spec: RoleSpec) -> Credentials:
         """One AssumeRole call for spec; raise CredentialError with STS's code on failure."""
@@ -1689,6 +1730,8 @@ class MetadataService:
         return container
 
     def answer(self, method: str, target: str, headers: Mapping[str, str], source: str) -> Answer:
+        """Answer one request; a credential answer takes at most wait_timeout, whatever STS does."""
+        deadline = time.monotonic() + self.wait_timeout
         path = normalize_path(target)
         segments = path.strip("/").split("/")
         lower = [segment.lower() for segment in segments]
@@ -1700,21 +1743,25 @@ class MetadataService:
         container = None
         if token is not None:
             container = self.caller(source, resync=False)
+            # A token taken while the caller was unknown is bound to its address, and stops
+            # working once a container is known there: the address may have been reused.
             if not self.tokens.valid(token, self.binding(container, source)):
                 return text_answer(401, "401 - Unauthorized")
         if len(lower) >= 3 and lower[1] == "meta-data" and lower[2] in ("iam", "identity-credentials"):
             if VALID_VERSION.match(segments[0]) and lower[2] == "iam":
-                return self.iam(path, segments[3:], container or self.caller(source, resync=True))
+                return self.iam(path, segments[3:], container or self.caller(source, resync=True), deadline)
             return Answer(404, NOT_FOUND)
         if CREDENTIAL_SEGMENTS.intersection(lower):
             return Answer(404, NOT_FOUND)
+        who = container or self.index.lookup(source)
+        name = who.name if who is not None else "-"
         try:
             status, location, body = self.upstream.fetch(method, path)
         except UpstreamError as exc:
             log.debug("forwarding %s failed: %s", path, exc)
-            return text_answer(exc.status, f"{exc.status} - metadata service {exc}")
+            return text_answer(exc.status, f"{exc.status} - metadata service {exc}", container=name)
         extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
-        return Answer(status, body, extra)
+        return Answer(status, body, extra, container=name)
 
     @staticmethod
     def binding(container: Optional[Container], source: str) -> str:
@@ -1735,7 +1782,7 @@ class MetadataService:
         return Answer(200, token.encode(), (("X-aws-ec2-metadata-token-ttl-seconds", ttl),),
                       container.name if container else "-")
 
-    def iam(self, path: str, rest: List[str], container: Optional[Container]) -> Answer:
+    def iam(self, path: str, rest: List[str], container: Optional[Container], deadline: float) -> Answer:
         """Answer a path under meta-data/iam/ for one container; never the host's."""
         spec = self.roles.role_for(container) if container is not None else None
         who = {"container": container.name if container else "-", "role": spec.role_name if spec else "-"}
@@ -1757,7 +1804,8 @@ class MetadataService:
         if rest[1] != spec.role_name:
             return Answer(404, NOT_FOUND, **who)
         try:
-            creds = self.credentials.get(container.id, container.name, spec, self.wait_timeout)
+            creds = self.credentials.get(container.id, container.name, spec,
+                                         max(0.05, deadline - time.monotonic()))
         except CredentialError as exc:
             log.debug("no credentials for %s: %s", container.name, exc)
             error = {"Code": exc.code, "Message": "the proxy could not get credentials for this container",
@@ -2197,13 +2245,18 @@ class StartupError(Exception):
 class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
-    def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8):
+    def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
+                 sts_rate: float = 25.0):
         self.config = config
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
-        self.credentials = CredentialCache(sts if sts is not None else StsClient(
-            config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url,
-            use_imds=not config.mock))
+        if config.mock:
+            # Outside EC2: the proxy's own credentials are the developer's; botocore reads
+            # this switch from the environment only.
+            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        self.sts = sts if sts is not None else StsClient(
+            config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
+        self.credentials = CredentialCache(self.sts, background_rate=sts_rate)
         self.index = ContainerIndex(DockerClient(config.docker_socket), with_env=config.env_roles,
                                     on_added=self._added, on_removed=self._removed)
         if config.mock:
@@ -2251,14 +2304,35 @@ class Proxy:
         self.index.sync_once()
         self.index.start()
         threading.Thread(target=self._probe_upstream, name="imds-probe", daemon=True).start()
+        threading.Thread(target=self._probe_credentials, name="aws-credentials-probe", daemon=True).start()
         host, port = self.address
         log.info("ec2metaproxy %s listening on %s:%d (%d containers, %d aliases%s)", __version__,
-                 host, port, len(self.index), len(self.config.alias_to_arn),
+                 f"[{host}]" if ":" in host else host, port, len(self.index), len(self.config.alias_to_arn),
                  ", mock metadata" if self.config.mock else "")
 
     def _probe_upstream(self) -> None:
+        if self.config.mock:
+            log.warning("mock mode: metadata is answered from a built-in tree and %s is not used; "
+                        "for a developer's machine, never for EC2", self.config.metadata_url)
+            return
         backoff = Backoff(self._stop, base=1.0, cap=30.0)
         while not self.upstream.probe():
+            if not backoff.wait():
+                return
+
+    def _probe_credentials(self) -> None:
+        """Say once whether the proxy has AWS credentials of its own to call STS with."""
+        if not hasattr(self.sts, "credential_source"):
+            return
+        backoff = Backoff(self._stop, base=2.0, cap=60.0)
+        while not self._stop.is_set():
+            source = self.sts.credential_source()
+            if source:
+                log.info("the proxy's own AWS credentials come from %s", source)
+                return
+            if backoff.failures == 0:
+                log.warning("the proxy has no AWS credentials of its own yet; containers get 503 "
+                            "for credentials until it has; retrying")
             if not backoff.wait():
                 return
 

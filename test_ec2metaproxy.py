@@ -27,6 +27,7 @@ import socket
 import socketserver
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -248,6 +249,7 @@ class StsStandIn:
         self.mode = "ok"          # ok | error | throttle | stall | down
         self.stall = 3.0
         self.deny = set()         # role ARNs answered with AccessDenied
+        self.max_duration = {}    # role ARN -> its MaxSessionDuration
         self.lock = threading.Lock()
         self._moto = None
         self._front = None
@@ -290,6 +292,10 @@ class StsStandIn:
                     return self.error(400, "Throttling", "Rate exceeded")
                 if form.get("RoleArn") in stand_in.deny:
                     return self.error(403, "AccessDenied", "not authorized to perform sts:AssumeRole")
+                limit = stand_in.max_duration.get(form.get("RoleArn"))
+                if limit and int(form.get("DurationSeconds", 3600)) > limit:
+                    return self.error(400, "ValidationError", "The requested DurationSeconds exceeds the "
+                                                              "MaxSessionDuration set for this role.")
                 conn = http.client.HTTPConnection("127.0.0.1", moto_port, timeout=10)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request("POST", self.path, body=body, headers=headers)
@@ -331,6 +337,7 @@ class StsStandIn:
             self.requests.clear()
         self.mode = "ok"
         self.deny = set()
+        self.max_duration = {}
 
     def assume_calls(self):
         with self.lock:
@@ -479,7 +486,7 @@ def base_config(**overrides):
 class ProxyFixture:
     """A whole proxy in this process on 127.0.0.1, with its own Docker and IMDS stand-ins."""
 
-    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, **config):
+    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, **config):
         self.tmp = tempfile.mkdtemp(prefix="emp-test-")
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.imds = ImdsStandIn().start()
@@ -488,10 +495,12 @@ class ProxyFixture:
         self.config = emp.parse_config(data)
         self.limits = limits
         self.wait_timeout = wait_timeout
+        self.sts_rate = sts_rate
         self.proxy = None
 
     def start(self):
-        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout)
+        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
+                               sts_rate=self.sts_rate)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -800,7 +809,9 @@ class TestContainerIndex(DockerTestCase):
             thread.start()
         for thread in threads:
             thread.join(5)
-        self.assertLessEqual(self.docker.calls["list"] - before, 2)
+        # One listing at once and one second look (shared by all), plus one a caller may have
+        # asked for while the first was in flight.
+        self.assertLessEqual(self.docker.calls["list"] - before, 3)
         self.assertEqual(sum(1 for r in results if r is not None), 1)
         # Callers that stay unknown, asking as fast as they can for a second, get few listings.
         self.docker.list_delay = 0
@@ -811,7 +822,19 @@ class TestContainerIndex(DockerTestCase):
             self.assertIsNone(self.index.lookup_or_resync(f"10.9.8.{asked % 200}", 0.01))
             asked += 1
         self.assertGreater(asked, 50)
-        self.assertLessEqual(self.docker.calls["list"] - before, 6)
+        self.assertLessEqual(self.docker.calls["list"] - before, 8)   # the bucket: 4 at once, 4 a second
+
+    def test_a_container_docker_lists_late_is_still_found(self):
+        self.index.sync_once()
+        self.index.start()
+        self.assertTrue(self.index.wait_synced(5))
+        result = {}
+        asker = threading.Thread(target=lambda: result.update(found=self.index.lookup_or_resync("172.17.0.30", 0.5)))
+        asker.start()
+        time.sleep(0.02)   # the first listing has already missed it
+        self.docker.add_container("late-listed", ["172.17.0.30"], emit=False)
+        asker.join(5)
+        self.assertIsNotNone(result["found"])
 
     def test_a_die_during_a_listing_is_not_undone_by_it(self):
         cid = self.docker.add_container("dying", ["172.17.0.4"], emit=False)
@@ -916,6 +939,136 @@ class TestRoleResolver(unittest.TestCase):
         self.assertIs(roles.role_for(one), roles.role_for(one))
         roles.forget([one.id])
         self.assertEqual(roles.role_for(one).arn, arn("web-role"))
+
+
+class TestMigrationOptions(unittest.TestCase):
+    """Per-alias options and the env conventions of the proxies we replace, decided without STS."""
+
+    def resolver(self, **overrides):
+        return emp.RoleResolver(emp.parse_config(base_config(**overrides)))
+
+    def test_alias_objects(self):
+        config = emp.parse_config(base_config(aliasToARN={
+            "plain": arn("plain"),
+            "rich": {"arn": arn("rich"), "externalId": "ext-123", "policy": {"Statement": []},
+                     "policyArns": ["arn:aws:iam::aws:policy/ReadOnlyAccess"], "sessionDuration": 7200,
+                     "sessionTags": {"team": "{label:team}"}, "allow": {"images": ["web:*"]}},
+        }, defaultAlias="plain"))
+        rich = config.alias_to_arn["rich"]
+        self.assertEqual((rich.arn, rich.external_id, rich.session_duration), (arn("rich"), "ext-123", 7200))
+        self.assertEqual(rich.policy_arns, ("arn:aws:iam::aws:policy/ReadOnlyAccess",))
+        spec = emp.RoleResolver(config).role_for(container(labels={"ec2metaproxy.RoleAlias": "rich",
+                                                                   "team": "billing"}, image="web:1"))
+        self.assertEqual((spec.external_id, spec.duration, spec.tags), ("ext-123", 7200, (("team", "billing"),)))
+        self.assertEqual(json.loads(spec.policy), {"Statement": []})
+
+    def test_alias_object_errors_name_the_key(self):
+        cases = [
+            ({"a": {"arn": arn("a"), "externalID": "x"}}, "aliasToARN.a.externalID: unknown key (did you mean"),
+            ({"a": {"externalId": "x"}}, "aliasToARN.a.arn: required key is missing"),
+            ({"a": {"arn": arn("a"), "sessionDuration": 50000}}, "aliasToARN.a.sessionDuration: 50000 is outside"),
+            ({"a": {"arn": arn("a"), "policyArns": ["nope"]}}, "aliasToARN.a.policyArns[0]: 'nope' is not"),
+            ({"a": {"arn": arn("a"), "allow": {"image": ["x"]}}}, "aliasToARN.a.allow.image: unknown key"),
+            ({"a": {"arn": arn("a"), "sessionTags": {"k": 1}}}, "aliasToARN.a.sessionTags.k: expected a string"),
+        ]
+        for aliases, expected in cases:
+            with self.assertRaises(emp.ConfigError) as caught:
+                emp.parse_config(base_config(aliasToARN=aliases, defaultAlias=None))
+            self.assertTrue(str(caught.exception).startswith(expected), str(caught.exception))
+        for overrides, expected in (
+                ({"allowedRoles": ["role/*"]}, "allowedRoles[0]: 'role/*' is not an ARN pattern"),
+                ({"accountMap": {"prod": "12"}}, "accountMap.prod: '12' is not a 12-digit account id"),
+                ({"defaultAccountId": "abc"}, "defaultAccountId: 'abc' is not a 12-digit account id"),
+                ({"sessionName": "{nam}"}, "sessionName: '{nam}' has an unknown placeholder"),
+                ({"staticMappings": {"10.0.0.0/33": "web"}}, "staticMappings.10.0.0.0/33: not an IP address"),
+                ({"staticMappings": {"10.0.0.1": "nope"}}, "staticMappings.10.0.0.1: 'nope' is not an alias"),
+                ({"envRoles": "yes"}, "envRoles: expected true or false"),
+                ({"mock": 1}, "mock: expected true or false")):
+            with self.assertRaises(emp.ConfigError) as caught:
+                emp.parse_config(base_config(**overrides))
+            self.assertTrue(str(caught.exception).startswith(expected), str(caught.exception))
+
+    def test_env_roles_every_spelling(self):
+        roles = self.resolver(envRoles=True, defaultAccountId=ACCOUNT, accountMap={"prod": "210987654321"},
+                              allowedRoles=[f"arn:aws:iam::{ACCOUNT}:role/*", "arn:aws:iam::210987654321:role/x",
+                                            "arn:aws-cn:iam::*:role/cn/*"])
+        cases = {
+            "web": arn("web-role"),                                   # an alias
+            "some-role": arn("some-role"),                            # a bare name, defaultAccountId
+            f"some-role@{ACCOUNT}": arn("some-role"),                 # name@accountId
+            "x@prod": "arn:aws:iam::210987654321:role/x",             # name@accountName, accountMap
+            arn("path/to/deep"): arn("path/to/deep"),                 # an ARN with a path
+            "arn:aws-cn:iam::111111111111:role/cn/app": "arn:aws-cn:iam::111111111111:role/cn/app",
+        }
+        for value, expected in cases.items():
+            spec = roles.role_for(container(env={"IAM_ROLE": value}))
+            self.assertIsNotNone(spec, value)
+            self.assertEqual(spec.arn, expected)
+        spec = roles.role_for(container(env={"IAM_ROLE": "some-role", "IAM_EXTERNAL_ID": "ext-9",
+                                             "IAM_POLICY": '{"Statement": []}'}))
+        self.assertEqual((spec.external_id, spec.policy), ("ext-9", '{"Statement":[]}'))
+
+    def test_env_roles_fail_closed(self):
+        roles = self.resolver(envRoles=True)
+        with LogCapture() as logs:
+            for value in ("some-role", arn("not-listed"), "x@unknown-account", "arn:aws:iam::1:role/x"):
+                self.assertIsNone(roles.role_for(container(f"env-{len(value)}", env={"IAM_ROLE": value})), value)
+        self.assertIn("defaultAccountId is not set", logs.text)
+        self.assertIn("not in allowedRoles", logs.text)
+        self.assertIn("not in accountMap", logs.text)
+        # By default only the ARNs of aliasToARN may be named, and an alias's allow rule still applies.
+        self.assertEqual(roles.role_for(container(env={"IAM_ROLE": arn("db-role")})).arn, arn("db-role"))
+
+    def test_labels_win_over_env_and_env_is_off_by_default(self):
+        roles = self.resolver(envRoles=True)
+        both = container(labels={"ec2metaproxy.RoleAlias": "web"}, env={"IAM_ROLE": arn("db-role")})
+        self.assertEqual(roles.role_for(both).arn, arn("web-role"))
+        self.assertEqual(self.resolver().role_for(container(env={"IAM_ROLE": arn("db-role")})).arn,
+                         arn("default-role"))
+
+    def test_allow_rules(self):
+        roles = self.resolver(aliasToARN={
+            "default": arn("default-role"),
+            "billing": {"arn": arn("billing"), "allow": {"images": ["registry.example/billing:*", "sha256:ab*"],
+                                                        "labels": {"com.docker.compose.project": "billing"},
+                                                        "networks": ["billing-net"]}},
+            "any-tag": {"arn": arn("any-tag"), "allow": {"images": ["registry.example/app"]}},
+        })
+        ok = dict(labels={"ec2metaproxy.RoleAlias": "billing", "com.docker.compose.project": "billing"},
+                  image="registry.example/billing:1.2", networks={"billing-net": ("172.30.0.2",)})
+        self.assertEqual(roles.role_for(container(**ok)).arn, arn("billing"))
+        with LogCapture() as logs:
+            self.assertIsNone(roles.role_for(container("wrong-image", **dict(ok, image="evil/billing:1"))))
+            self.assertIsNone(roles.role_for(container("wrong-label", **dict(ok, labels={
+                "ec2metaproxy.RoleAlias": "billing", "com.docker.compose.project": "web"}))))
+            self.assertIsNone(roles.role_for(container("wrong-net", **dict(ok, networks={"bridge": ("172.17.0.9",)}))))
+        for name, rule in (("wrong-image", "image 'evil/billing:1'"), ("wrong-label", "label com.docker"),
+                           ("wrong-net", "networks ['billing-net']")):
+            self.assertRegex(logs.text, rf"container {name} .*alias 'billing' is not allowed.*{re.escape(rule)}")
+        self.assertEqual(roles.role_for(container(**dict(ok, image="sha256:abcdef"))).arn, arn("billing"))
+        any_tag = {"ec2metaproxy.RoleAlias": "any-tag"}
+        self.assertIsNotNone(roles.role_for(container(labels=any_tag, image="registry.example/app:7")))
+        self.assertIsNotNone(roles.role_for(container(labels=any_tag, image="registry.example/app")))
+        self.assertIsNone(roles.role_for(container(labels=any_tag, image="registry.example/app-evil:7")))
+
+    def test_session_name_tags_and_source_identity_templates(self):
+        roles = self.resolver(sessionName="{label:job}-{name}-{id}", sessionTags={"image": "{image}",
+                                                                                   "job": "{env:JOB_ID}"},
+                              sourceIdentity="{label:user}")
+        spec = roles.role_for(container("worker", labels={"job": "nightly build", "user": "alice@example.com"},
+                                        env={"JOB_ID": "42"}, image="repo/img:1", cid="f" * 64))
+        self.assertEqual(spec.session_name, "nightly-build-worker-ffffffffffff")
+        self.assertEqual(dict(spec.tags), {"image": "repo/img:1", "job": "42"})
+        self.assertEqual(spec.source_identity, "alice@example.com")
+        long = roles.role_for(container("w" * 80, labels={"job": "j"})).session_name
+        self.assertEqual(len(long), 64)
+
+    def test_static_mappings_most_specific_first(self):
+        roles = self.resolver(staticMappings={"10.1.0.0/16": "db", "10.1.2.3": "web", "fd00::/64": "web"})
+        self.assertEqual(roles.role_for(roles.static_container("10.1.2.3")).arn, arn("web-role"))
+        self.assertEqual(roles.role_for(roles.static_container("10.1.9.9")).arn, arn("db-role"))
+        self.assertEqual(roles.role_for(roles.static_container("fd00::5")).arn, arn("web-role"))
+        self.assertIsNone(roles.static_container("10.2.0.1"))
 
 
 #####################################################################
@@ -1299,6 +1452,15 @@ class TestMetadataService(ProxyTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
         self.assertIn(b"X-aws-ec2-metadata-token-ttl-seconds: 30\r\n", answer)
 
+    def test_a_token_taken_while_unknown_stops_working_once_a_container_is_known_there(self):
+        token = self.container_token(source="127.0.0.20")   # nobody is known at this address
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.20",
+                                         headers={"X-aws-ec2-metadata-token": token})[0], 200)
+        self.docker.add_container("later-1", ["127.0.0.20"], labels={"ec2metaproxy.RoleAlias": "web"})
+        self.assertTrue(wait_until(lambda: self.fx.proxy.index.lookup("127.0.0.20")))
+        self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.20",
+                                         headers={"X-aws-ec2-metadata-token": token})[0], 401)
+
     def test_expired_token_is_401(self):
         token = self.container_token(ttl="1")
         time.sleep(2.1)
@@ -1382,6 +1544,126 @@ class TestMetadataService(ProxyTestCase):
             self.assertNotIn(secret[:20], logs.text)
 
 
+class TestMigrationEndToEnd(ProxyTestCase):
+    """Each convention and option through the proxy and moto's STS, checked at the STS side."""
+
+    config = dict(
+        envRoles=True, defaultAccountId=ACCOUNT, accountMap={"main": ACCOUNT},
+        allowedRoles=[f"arn:aws:iam::{ACCOUNT}:role/*"],
+        sessionName="{name}-{label:job}", sessionTags={"container": "{name}"}, sourceIdentity="{label:user}",
+        staticMappings={"127.0.0.50/32": "db"},
+        aliasToARN={
+            "default": arn("default-role"),
+            "web": arn("web-role"),
+            "db": arn("db-role"),
+            "long": {"arn": arn("long-role"), "sessionDuration": 7200, "externalId": "ext-long",
+                     "policyArns": [f"arn:aws:iam::{ACCOUNT}:policy/narrow"], "sessionTags": {"tier": "gold"}},
+            "locked": {"arn": arn("locked-role"), "allow": {"labels": {"team": "billing"}}},
+        })
+
+    def caller_arn(self, creds):
+        import boto3
+        sts = boto3.client("sts", region_name="us-east-1", endpoint_url=STS.moto_url,
+                           aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                           aws_session_token=creds["Token"])
+        return sts.get_caller_identity()["Arn"]
+
+    def sent(self, session_name):
+        return [r for r in STS.requests if r.get("Action") == "AssumeRole" and r.get("RoleSessionName") == session_name]
+
+    def test_lyft_env_conventions(self):
+        self.docker.add_container("lyft-app", ["127.0.0.2"], env=["IAM_ROLE=web-role@main",
+                                                                  "IAM_EXTERNAL_ID=ext-lyft"],
+                                  labels={"job": "j1", "user": "bob"}, emit=False)
+        self.start()
+        status, creds = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertEqual(status, 200, creds)
+        self.assertRegex(self.caller_arn(creds), r"assumed-role/web-role/lyft-app-j1$")
+        request = self.sent("lyft-app-j1")[-1]
+        self.assertEqual(request["ExternalId"], "ext-lyft")
+        self.assertEqual(request["SourceIdentity"], "bob")
+        self.assertEqual((request["Tags.member.1.Key"], request["Tags.member.1.Value"]), ("container", "lyft-app"))
+
+    def test_go_original_env_conventions(self):
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "*", "Resource": "*"}]}
+        self.docker.add_container("go-app", ["127.0.0.3"], env=[f"IAM_ROLE={arn('db-role')}",
+                                                                f"IAM_POLICY={json.dumps(policy)}"], emit=False)
+        self.start()
+        status, creds = self.fx.credentials("127.0.0.3", "db-role")
+        self.assertEqual(status, 200, creds)
+        self.assertEqual(json.loads(self.sent("go-app-")[-1]["Policy"]), policy)
+
+    def test_alias_options_reach_sts_and_duration_falls_back(self):
+        STS.max_duration = {arn("long-role"): 3600}
+        self.docker.add_container("long-app", ["127.0.0.4"], labels={"ec2metaproxy.RoleAlias": "long", "job": "x"},
+                                  emit=False)
+        with LogCapture() as logs:
+            self.start()
+            status, creds = self.fx.credentials("127.0.0.4", "long-role")
+            self.assertEqual(status, 200, creds)
+        requests = self.sent("long-app-x")
+        self.assertEqual([r["DurationSeconds"] for r in requests], ["7200", "3600"])
+        self.assertEqual(requests[-1]["ExternalId"], "ext-long")
+        self.assertEqual(requests[-1]["PolicyArns.member.1.arn"], f"arn:aws:iam::{ACCOUNT}:policy/narrow")
+        tags = {requests[-1][f"Tags.member.{n}.Key"]: requests[-1][f"Tags.member.{n}.Value"] for n in (1, 2)}
+        self.assertEqual(tags, {"container": "long-app", "tier": "gold"})
+        self.assertEqual(logs.text.count("does not allow 7200-second sessions"), 1)
+
+    def test_allow_rule_refuses_and_logs(self):
+        self.docker.add_container("intruder", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "locked"}, emit=False)
+        self.docker.add_container("member", ["127.0.0.6"], labels={"ec2metaproxy.RoleAlias": "locked",
+                                                                    "team": "billing"}, emit=False)
+        with LogCapture() as logs:
+            self.start()
+            self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.5")[0], 404)
+        self.assertRegex(logs.text, r"container intruder .*alias 'locked' is not allowed .*label team='billing'")
+        self.assertEqual(self.fx.credentials("127.0.0.6", "locked-role")[0], 200)
+        self.assertFalse(self.sent("intruder-"))
+
+    def test_static_mappings_after_the_docker_index(self):
+        self.start()
+        status, creds = self.fx.credentials("127.0.0.50", "db-role")
+        self.assertEqual(status, 200, creds)
+        self.assertRegex(self.caller_arn(creds), r"assumed-role/db-role/static-127\.0\.0\.50-$")
+        self.docker.add_container("now-docker", ["127.0.0.50"], labels={"ec2metaproxy.RoleAlias": "web"})
+        self.assertTrue(wait_until(lambda: self.fx.request("/latest/meta-data/iam/security-credentials/",
+                                                           "127.0.0.50")[2] == "web-role"))
+
+    def test_same_role_different_external_id_or_policy_never_share(self):
+        self.docker.add_container("a", ["127.0.0.7"], env=["IAM_ROLE=web-role", "IAM_EXTERNAL_ID=one"], emit=False)
+        self.docker.add_container("b", ["127.0.0.8"], env=["IAM_ROLE=web-role", "IAM_EXTERNAL_ID=two"], emit=False)
+        self.docker.add_container("c", ["127.0.0.9"], env=["IAM_ROLE=web-role", 'IAM_POLICY={"Statement": []}'],
+                                  emit=False)
+        self.start()
+        keys = {self.fx.credentials(ip, "web-role")[1]["AccessKeyId"] for ip in ("127.0.0.7", "127.0.0.8", "127.0.0.9")}
+        self.assertEqual(len(keys), 3)
+
+
+class TestMockMode(ProxyTestCase):
+    """mock: metadata from a built-in tree, credentials still real."""
+
+    config = {"mock": True}
+
+    def test_metadata_from_the_built_in_tree_and_real_credentials(self):
+        self.docker.add_container("dev", ["127.0.0.2"], emit=False)
+        self.start()
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.2")[2], "i-0123456789abcdef0")
+        self.assertEqual(self.fx.request("/latest/meta-data/placement/region", "127.0.0.2")[2], "us-east-1")
+        self.assertEqual(self.fx.request("/latest/meta-data/placement/availability-zone", "127.0.0.2")[2],
+                         "us-east-1a")
+        self.assertEqual(self.fx.request("/latest/meta-data/local-ipv4", "127.0.0.2")[2], "127.0.0.1")
+        status, headers, _ = self.fx.request("/latest/meta-data/placement", "127.0.0.2")
+        self.assertEqual((status, headers["location"]), (301, "/latest/meta-data/placement/"))
+        listing = self.fx.request("/latest/meta-data/", "127.0.0.2")[2].split("\n")
+        self.assertIn("iam/", listing)
+        self.assertIn("instance-id", listing)
+        document = json.loads(self.fx.request("/latest/dynamic/instance-identity/document", "127.0.0.2")[2])
+        self.assertEqual(document["region"], "us-east-1")
+        self.assertEqual(self.fx.request("/latest/meta-data/nothing", "127.0.0.2")[0], 404)
+        self.assertEqual(self.fx.credentials("127.0.0.2", "default-role")[0], 200)
+        self.assertEqual(self.imds.requests, [])
+
+
 class TestHttpServer(ProxyTestCase):
     """HTTP/1.1 done right, and bad requests answered the way IMDS would."""
 
@@ -1455,6 +1737,326 @@ class TestHttpServer(ProxyTestCase):
         self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 3, answer)
 
 
+class TestOutages(ProxyTestCase):
+    """Dependencies failing: STS, Docker and the host IMDS; the proxy keeps serving and fails closed."""
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.docker.add_container("db-1", ["127.0.0.3"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
+        self.start()
+        self.assertTrue(wait_until(lambda: len(self.fx.proxy.credentials) == 2 and all(
+            self.fx.proxy.credentials.cached(cid, self.fx.proxy.roles.role_for(self.fx.proxy.index.get(cid)))
+            for cid in list(self.docker.containers)), timeout=10))
+
+    def timed(self, source, role):
+        started = time.monotonic()
+        status, body = self.fx.credentials(source, role)
+        return status, body, time.monotonic() - started
+
+    def recovery_after(self, mode):
+        """Break STS in `mode`: cached credentials are served; a new container gets a fast 5xx, then recovers."""
+        _, cached_before = self.fx.credentials("127.0.0.2", "web-role")
+        STS.mode = mode
+        STS.stall = 5
+        for _ in range(5):
+            status, body, elapsed = self.timed("127.0.0.2", "web-role")
+            self.assertEqual(status, 200)
+            self.assertEqual(body["AccessKeyId"], cached_before["AccessKeyId"])
+            self.assertLess(elapsed, 0.5)
+        self.docker.add_container("new-1", ["127.0.0.9"], labels={"ec2metaproxy.RoleAlias": "web"})
+        status, body, elapsed = self.timed("127.0.0.9", "web-role")
+        self.assertEqual(status, 503)
+        self.assertLess(elapsed, 1.0)
+        self.assertEqual(json.loads(body)["Code"] if isinstance(body, str) and body.startswith("{") else "",
+                         json.loads(body)["Code"])
+        self.assertNoHostSecrets(body)
+        STS.mode = "ok"
+        healed = time.monotonic()
+        self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.9", "web-role")[0] == 200,
+                                   timeout=15, interval=0.2))
+        return time.monotonic() - healed
+
+    def test_sts_errors(self):
+        self.assertLess(self.recovery_after("error"), 12)
+
+    def test_sts_throttling(self):
+        self.assertLess(self.recovery_after("throttle"), 12)
+
+    def test_sts_unreachable(self):
+        self.assertLess(self.recovery_after("down"), 12)
+
+    def test_sts_slow(self):
+        self.assertLess(self.recovery_after("stall"), 15)
+
+    def test_access_denied_for_one_alias_does_not_delay_another(self):
+        STS.deny = {arn("web-role")}
+        self.docker.add_container("denied-1", ["127.0.0.10"], labels={"ec2metaproxy.RoleAlias": "web"})
+        self.docker.add_container("fine-1", ["127.0.0.11"], labels={"ec2metaproxy.RoleAlias": "db"})
+        for _ in range(10):
+            status, _, _ = self.timed("127.0.0.10", "web-role")
+            self.assertEqual(status, 503)
+        status, body, elapsed = self.timed("127.0.0.11", "db-role")
+        self.assertEqual(status, 200, body)
+        self.assertLess(elapsed, 1.0)
+        self.assertLessEqual(sum(1 for r in STS.requests if r.get("RoleSessionName") == "denied-1"), 3)
+
+    def test_old_credentials_are_served_while_a_failing_refresh_retries(self):
+        cache = self.fx.proxy.credentials
+        spec = self.fx.proxy.roles.role_for(self.fx.proxy.index.lookup("127.0.0.2"))
+        cid = self.fx.proxy.index.lookup("127.0.0.2").id
+        entry = cache._entries[(cid, spec)]
+        STS.mode = "error"
+        entry.refresh_at = 0   # the refresh is due now, and STS fails it
+        _, before = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertTrue(wait_until(lambda: entry.failures >= 1, timeout=5))
+        status, during = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertEqual((status, during["AccessKeyId"]), (200, before["AccessKeyId"]))
+        STS.mode = "ok"
+        self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"]
+                                   != before["AccessKeyId"], timeout=15, interval=0.2))
+
+    def test_docker_down_known_containers_still_served_and_new_ones_found_after(self):
+        self.docker.stop()
+        self.assertTrue(wait_until(lambda: self.fx.proxy.index.reachable is False, timeout=5))
+        status, _, elapsed = self.timed("127.0.0.2", "web-role")
+        self.assertEqual(status, 200)
+        self.assertLess(elapsed, 0.5)
+        started = time.monotonic()
+        status, _, _ = self.timed("127.0.0.12", "default-role")
+        self.assertEqual(status, 404)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.docker.add_container("while-down", ["127.0.0.12"], emit=False)
+        self.docker.start()
+        self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.12", "default-role")[0] == 200,
+                                   timeout=15, interval=0.2))
+
+    def test_host_imds_down_or_slow_answers_502_504_and_credentials_are_unaffected(self):
+        self.imds.delay = 6
+        results = {}
+
+        def slow():
+            started = time.monotonic()
+            results["status"] = self.fx.request("/latest/meta-data/instance-id", "127.0.0.2", timeout=15)[0]
+            results["elapsed"] = time.monotonic() - started
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(0.2)
+        status, _, elapsed = self.timed("127.0.0.2", "web-role")   # a slow dependency blocks nobody else
+        self.assertEqual(status, 200)
+        self.assertLess(elapsed, 0.5)
+        thread.join(15)
+        self.assertEqual(results["status"], 504)
+        self.assertLess(results["elapsed"], 6)
+        self.imds.delay = 0
+        self.imds.stop()
+        started = time.monotonic()
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.2")[0], 502)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(self.timed("127.0.0.2", "web-role")[0], 200)
+
+
+class TestHostileInput(ProxyTestCase):
+    """Garbage, slow and greedy clients get errors or closed connections; everyone else is served."""
+
+    limits = emp.Limits(request_timeout=2.0, idle_timeout=2.0, max_per_source=8, max_connections=64,
+                        rate_per_source=200.0, burst_per_source=200.0)
+
+    def make_fixture(self):
+        return ProxyFixture(limits=self.limits)
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("good-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.docker.add_container("bad-1", ["127.0.0.66"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
+        self.start()
+
+    def assertServesGoodContainer(self, within=1.0):
+        started = time.monotonic()
+        status, body = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertEqual(status, 200, body)
+        self.assertLess(time.monotonic() - started, within)
+
+    def test_random_bytes_never_reach_host_credentials(self):
+        import random
+        rng = random.Random(1234)
+        prefixes = [b"", b"GET ", b"GET /latest/meta-data/iam/", b"PUT /latest/api/token HTTP/1.1\r\n",
+                    b"GET http://169.254.169.254/latest/meta-data/iam/security-credentials/host-role HTTP/1.1\r\n"]
+        for number in range(120):
+            data = rng.choice(prefixes) + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+            answer = self.fx.raw(data + b"\r\n\r\n", "127.0.0.66", timeout=3)
+            self.assertNoHostSecrets(answer)
+            if answer:
+                self.assertRegex(answer[:12], rb"^HTTP/1\.1 \d{3}", data[:40])
+        self.assertServesGoodContainer()
+
+    def test_idle_and_slow_clients_are_timed_out_without_hurting_others(self):
+        idle = []
+        for number in range(40):   # 8 sources x 5 connections: within the per-source cap, 40 threads held
+            sock = socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
+                                            source_address=(f"127.0.1.{number % 8 + 1}", 0))
+            idle.append(sock)
+            if number % 2:
+                sock.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\n")   # a request line, then nothing
+        self.addCleanup(lambda: [s.close() for s in idle])
+        self.assertServesGoodContainer()
+        started = time.monotonic()
+        for sock in idle:
+            sock.settimeout(max(0.1, 6 - (time.monotonic() - started)))
+            data = b""
+            with contextlib.suppress(OSError):
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            self.assertIn(data[:12], (b"", b"HTTP/1.1 408"))
+        self.assertLess(time.monotonic() - started, 5)
+        # A header sent one byte at a time is cut off at the request timeout, not kept alive by each byte.
+        with socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
+                                      source_address=("127.0.0.66", 0)) as slow:
+            started = time.monotonic()
+            answer = b""
+            for byte in b"GET /latest/meta-data/ HTTP/1.1\r\nX-Slow: " + b"a" * 50:
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.25)
+                if time.monotonic() - started > 6:
+                    break
+            with contextlib.suppress(OSError):
+                answer = slow.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 408") or answer == b"", answer)
+            self.assertLess(time.monotonic() - started, 4)
+
+    def test_connection_caps_per_source_and_in_total(self):
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        for _ in range(8):
+            held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                                 source_address=("127.0.0.66", 0)))
+        time.sleep(0.2)
+        answer = self.fx.raw(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\n\r\n", "127.0.0.66")
+        self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
+        self.assertServesGoodContainer()
+        for number in range(60):   # fill the total cap from many sources
+            held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                                 source_address=(f"127.0.2.{number + 1}", 0)))
+        time.sleep(0.2)
+        answer = self.fx.raw(b"GET / HTTP/1.1\r\n\r\n", "127.0.0.2")
+        self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
+        for sock in held:
+            sock.close()
+        held.clear()
+        self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.2", "web-role")[0] == 200, timeout=5))
+
+    def test_a_flooding_container_does_not_starve_the_others(self):
+        stop = threading.Event()
+        counts = collections.Counter()
+
+        def flood():
+            conn = http.client.HTTPConnection("127.0.0.1", self.fx.port, timeout=5,
+                                              source_address=("127.0.0.66", 0))
+            deadline = time.monotonic() + 3
+            while not stop.is_set() and time.monotonic() < deadline and sum(counts.values()) < 100000:
+                try:
+                    conn.request("GET", "/latest/meta-data/iam/security-credentials/db-role")
+                    response = conn.getresponse()
+                    response.read()
+                    counts[response.status] += 1
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.fx.port, timeout=5,
+                                                      source_address=("127.0.0.66", 0))
+            conn.close()
+        flooders = [threading.Thread(target=flood) for _ in range(4)]
+        for thread in flooders:
+            thread.start()
+        time.sleep(0.3)
+        latencies = []
+        try:
+            for _ in range(20):
+                started = time.monotonic()
+                self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in flooders:
+                thread.join(10)
+        self.assertGreater(counts[429], 0, counts)    # the flood was throttled...
+        self.assertGreater(counts[200], 0, counts)    # ...not cut off
+        self.assertLess(max(latencies), 1.0)          # and the others were answered within SDK time-outs
+
+    def test_a_flood_of_token_requests_stores_nothing(self):
+        import tracemalloc
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        conn = http.client.HTTPConnection("127.0.0.1", self.fx.port, timeout=5, source_address=("127.0.0.2", 0))
+        self.addCleanup(conn.close)
+
+        def burst(count):
+            for _ in range(count):
+                conn.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+                response = conn.getresponse()
+                response.read()
+                self.assertIn(response.status, (200, 429))
+                if response.status == 429:
+                    time.sleep(0.05)
+        burst(200)
+        before = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, emp.__file__)])
+        burst(2000)
+        after = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, emp.__file__)])
+        growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        self.assertLess(growth, 64 * 1024)
+
+
+class TestChurn(ProxyTestCase):
+    """Containers coming and going by the thousand: nothing of a dead container stays behind."""
+
+    def make_fixture(self):
+        return ProxyFixture(sts_rate=2000.0)
+
+    def test_thousands_of_containers_leave_nothing_behind(self):
+        self.start()
+        proxy = self.fx.proxy
+        usage = []   # (threads, fds) after each round; the first round warms up the STS connection pool
+        for round_number in range(3):
+            ids = []
+            for number in range(1000):   # one in ten labelled, the others on the default alias
+                labels = {"ec2metaproxy.RoleAlias": "web"} if number % 10 == 0 else {}
+                ids.append(self.docker.add_container(f"churn-{round_number}-{number}",
+                                                     [f"10.{round_number}.{number // 250}.{number % 250 + 1}"],
+                                                     labels=labels))
+            self.assertTrue(wait_until(lambda: len(proxy.index) == 1000, timeout=30), len(proxy.index))
+            self.assertTrue(wait_until(lambda: len(proxy.credentials) == 1000 and sum(
+                1 for entry in list(proxy.credentials._entries.values()) if entry.creds) == 1000,
+                timeout=60, interval=0.2), len(proxy.credentials))
+            for cid in ids:
+                self.docker.remove_container(cid)
+            self.assertTrue(wait_until(lambda: len(proxy.index) == 0, timeout=30), len(proxy.index))
+            self.assertTrue(wait_until(lambda: len(proxy.credentials) == 0, timeout=10))
+            self.assertEqual(proxy.index._by_ip, {})
+            self.assertEqual(proxy.credentials._by_container, {})
+            self.assertEqual(proxy.roles._memo, {})
+            if usage:
+                # Connection threads of the stand-ins may still be finishing: wait for them, bounded.
+                threads, fds = usage[0]
+                self.assertTrue(wait_until(lambda: threading.active_count() <= threads + 2, timeout=5),
+                                [t.name for t in threading.enumerate()])
+                self.assertTrue(wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 4, timeout=5))
+            usage.append((threading.active_count(), len(os.listdir("/proc/self/fd"))))
+        # Stale refresh timers of dead containers are dropped when they come due, not kept.
+        self.assertLessEqual(len(proxy.credentials._due), 3000)
+        self.assertTrue(wait_until(lambda: len(proxy.index._tombstones) == 0 or self.resync(proxy), timeout=5))
+
+    @staticmethod
+    def resync(proxy):
+        proxy.index.sync_once()
+        return len(proxy.index._tombstones) == 0
+
+
 #####################################################################
 # main ##############################################################
 
@@ -1512,6 +2114,37 @@ class TestMain(ProcessTestCase):
         self.assertLess(time.monotonic() - started, 5)
         self.assertNotIn("Traceback", logs())
 
+    def test_sigterm_finishes_requests_in_flight_then_exits_zero(self):
+        imds = ImdsStandIn().start()
+        self.addCleanup(imds.stop)
+        port = free_port()
+        process, logs = self.run_proxy(base_config(listen=f"127.0.0.1:{port}", metadataURL=imds.url,
+                                                   dockerHost="unix:///nonexistent/docker.sock"))
+        self.assertTrue(wait_until(lambda: "listening on" in logs(), timeout=15), logs())
+        self.assertTrue(wait_until(lambda: "metadata service" in logs(), timeout=5))   # its start-up probe
+        imds.delay = 1.5
+        result = {}
+        forwarded = imds.paths().count("/latest/meta-data/instance-id")
+
+        def in_flight():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/latest/meta-data/instance-id")
+            response = conn.getresponse()
+            result["answer"] = (response.status, response.read())
+            conn.close()
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        self.assertTrue(wait_until(lambda: imds.paths().count("/latest/meta-data/instance-id") > forwarded,
+                                   timeout=5))
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        thread.join(10)
+        self.assertEqual(result["answer"], (200, b"i-0host0000000000"))
+        self.assertEqual(process.wait(10), 0)
+        self.assertLess(time.monotonic() - started, 5)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
     def test_sigint_exits_zero(self):
         port = free_port()
         process, logs = self.run_proxy(base_config(listen=f"127.0.0.1:{port}",
@@ -1532,3 +2165,885 @@ class TestMain(ProcessTestCase):
             process, logs = self.run_proxy(base_config(dockerHost="unix://" + not_a_socket.name))
             self.assertEqual(process.wait(20), 1)
         self.assertEqual(logs().strip(), f"ec2metaproxy: dockerHost: {not_a_socket.name} exists but is not a unix socket")
+
+
+#####################################################################
+# End to end ########################################################
+# The proxy behind setup-firewall.sh, with a real dockerd and iptables, inside a network
+# namespace these tests create and remove (nothing is added to the machine's own):
+#
+#     container --169.254.169.254:80--> DNAT (setup-firewall.sh) --> proxy on <bridge IP>:E2E_PROXY_PORT
+#     proxy --> ImdsStandIn, the host's IMDS, on the namespace's 127.0.0.1:E2E_IMDS_PORT
+#     proxy, containers --> moto's STS server on 0.0.0.0:E2E_MOTO_PORT
+#
+# Containers run the host's own Python and botocore, bind-mounted read-only into a busybox
+# image built from busybox-static and `docker import`ed (no registry). Needs root, docker.io,
+# iptables, util-linux (nsenter), iproute2, busybox-static and moto[server]; without them the
+# classes skip, or fail with EC2METAPROXY_E2E_REQUIRED=1. EC2METAPROXY_E2E_KEEP_LOGS=DIR keeps
+# the logs of dockerd, the proxy, moto and the IMDS stand-in there.
+
+E2E_FIREWALL = os.path.join(HERE, "setup-firewall.sh")
+E2E_REQUIRED = os.environ.get("EC2METAPROXY_E2E_REQUIRED") == "1"
+E2E_PROXY_PORT = 18000   # fixed ports: the namespace is new and ours alone
+E2E_IMDS_PORT = 18081
+E2E_MOTO_PORT = 15000
+E2E_METADATA = "169.254.169.254"
+E2E_CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials/"
+E2E_USER_NET = "emp-net"
+E2E_USER_BRIDGE = "emp-br1"
+E2E_USER_SUBNET, E2E_USER_GATEWAY, E2E_REUSED_IP = "10.123.0.0/24", "10.123.0.1", "10.123.0.10"
+E2E_OUTSIDE_IN, E2E_OUTSIDE_OUT = "10.124.0.1", "10.124.0.2"  # veth to a second namespace
+E2E_LABEL = "ec2metaproxy.RoleAlias"
+E2E_CHAIN_PREFIX = "EC2METAPROXY"
+
+
+def e2e_run(cmd, timeout=60, check=True, **kwargs):
+    """Run cmd to completion within timeout seconds; return the CompletedProcess."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError("%s exited %d: %s" % (" ".join(cmd), result.returncode, result.stderr.strip()[-2000:]))
+    return result
+
+
+def e2e_in_netns(netns, *cmd):
+    """cmd run in network namespace `netns` only (mounts, /sys and cgroups stay the host's)."""
+    return ["nsenter", "--net=/var/run/netns/%s" % netns, *cmd]
+
+
+def e2e_unavailable(reason):
+    """Skip the class for reason; with EC2METAPROXY_E2E_REQUIRED=1, fail it."""
+    if E2E_REQUIRED:
+        raise AssertionError("EC2METAPROXY_E2E_REQUIRED=1 but " + reason)
+    raise unittest.SkipTest(reason)
+
+
+def e2e_missing(tools):
+    """Why this machine cannot run the firewall tests with tools, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables)"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return "%s not found in PATH (apt-get install docker.io iptables util-linux iproute2 busybox-static)" % tool
+    if not os.path.exists(E2E_FIREWALL):
+        return "setup-firewall.sh not found at %s" % E2E_FIREWALL
+    return None
+
+
+def e2e_add_netns(name):
+    """A new network namespace with its loopback up; fails if the name is taken."""
+    if os.path.exists("/var/run/netns/" + name):
+        raise AssertionError("network namespace %s already exists" % name)
+    e2e_run(["ip", "netns", "add", name])
+    try:
+        e2e_run(["ip", "-n", name, "link", "set", "lo", "up"])
+    except BaseException:
+        e2e_run(["ip", "netns", "del", name], check=False)
+        raise
+
+
+def e2e_iptables_dump(netns):
+    """iptables-save and ip6tables-save of netns, without counters or comments."""
+    lines = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        for line in e2e_run(e2e_in_netns(netns, tool)).stdout.splitlines():
+            if not line.startswith("#"):
+                lines.append(line.split(" [")[0] if line.startswith(":") else line)
+    return "\n".join(lines)
+
+
+def e2e_is_static_elf(path):
+    """True when path is an ELF executable without a program interpreter (PT_INTERP)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:  # 64-bit only, enough for here
+            return False
+        order = "little" if header[5] == 1 else "big"
+        phoff = int.from_bytes(header[32:40], order)
+        phentsize = int.from_bytes(header[54:56], order)
+        phnum = int.from_bytes(header[56:58], order)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(int.from_bytes(table[i * phentsize:i * phentsize + 4], order) != 3 for i in range(phnum))
+
+
+class E2EProcessGroup:
+    """Processes the test started, each logging to its own file and stopped by its own pid."""
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.procs = {}
+
+    def start(self, name, cmd, env=None):
+        with open(os.path.join(self.log_dir, name + ".log"), "wb") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name, limit=3000):
+        path = os.path.join(self.log_dir, name + ".log")
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            return "(cannot read %s: %s)" % (path, e)
+        return text[-limit:] if limit else text
+
+    def stop(self, name, grace=10):
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop_all(self):
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+
+# The host's IMDS inside the namespace: this module's ImdsStandIn, printing each request it gets.
+E2E_IMDS = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import test_ec2metaproxy
+class Printed(list):
+    def append(self, request):
+        super().append(request)
+        print(*request[:2], flush=True)
+imds = test_ec2metaproxy.ImdsStandIn()
+imds.requests = Printed()
+imds.start(int(sys.argv[2]))
+threading.Event().wait()   # until stopped by its pid
+"""
+
+# Run inside containers with the host's Python: walks IMDS by hand (IMDSv2), then asks
+# botocore's default credential chain, then STS GetCallerIdentity with what it got.
+E2E_CONTAINER_PROBE = r"""
+import json, sys, urllib.error, urllib.request
+base, sts_endpoint, steps, given_token = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+out = {"answers": []}
+def call(method, path, headers=None, timeout=3):
+    req = urllib.request.Request(base + path, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, body = resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read().decode(errors="replace")
+    except Exception as e:
+        status, body = None, "%s: %s" % (type(e).__name__, e)
+    out["answers"].append([method, path, status, body])
+    return status, body
+if "raw" in steps:
+    if given_token:  # a token from another container: must not be honoured
+        status, token = 200, given_token
+    else:
+        status, token = call("PUT", "/latest/api/token",
+                             {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        out["token_status"] = status
+    headers = {"X-aws-ec2-metadata-token": token} if status == 200 else {}
+    out["token"] = token if status == 200 else None
+    status, roles = call("GET", "/latest/meta-data/iam/security-credentials/", headers)
+    out["roles_status"], out["roles"] = status, roles
+    if status == 200 and roles.strip():
+        name = roles.split()[0]
+        status, body = call("GET", "/latest/meta-data/iam/security-credentials/" + name,
+                            headers)
+        out["creds_status"] = status
+        try:
+            out["raw_access_key"] = json.loads(body).get("AccessKeyId")
+        except ValueError:
+            pass
+    for path in ("/latest/meta-data/instance-id", "/latest/meta-data/iam/info"):
+        call("GET", path, headers)
+if "boto" in steps:
+    import botocore.session
+    session = botocore.session.get_session()
+    creds = session.get_credentials()
+    out["boto_method"] = getattr(creds, "method", None)
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        out["access_key"] = frozen.access_key
+        out["answers"].append(["boto", "frozen", None, json.dumps(frozen._asdict())])
+        sts = session.create_client("sts", region_name="us-east-1", endpoint_url=sts_endpoint)
+        try:
+            out["arn"] = sts.get_caller_identity()["Arn"]
+        except Exception as e:
+            out["sts_error"] = "%s: %s" % (type(e).__name__, e)
+print("PROBE-RESULT " + json.dumps(out))
+"""
+
+# One TCP connection and, if it opens, one HTTP GET with its path sent byte for byte
+# (a client library would normalise some paths); run in a namespace or in a container.
+E2E_SOCKET_PROBE = r"""
+import json, socket, sys
+host, port, timeout, path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+result = {"connect": None, "reply": ""}
+try:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        result["connect"] = "open"
+        s.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path, host)).encode())
+        chunks = []
+        for _ in range(64):
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        result["reply"] = b"".join(chunks).decode(errors="replace")
+except socket.timeout:
+    result["connect"] = result["connect"] or "timeout"
+except OSError as e:
+    result["connect"] = result["connect"] or type(e).__name__
+print(json.dumps(result))
+"""
+
+# busybox only, run as the container's first process: no interpreter start-up delay.
+E2E_INSTANT_V1 = "wget -qO- http://%s%s" % (E2E_METADATA, E2E_CREDENTIALS_PATH)
+E2E_INSTANT_V2 = (
+    "t=$(printf 'PUT /latest/api/token HTTP/1.0\\r\\n"
+    "X-aws-ec2-metadata-token-ttl-seconds: 60\\r\\n\\r\\n' | nc %s 80 | tail -n 1); "
+    "wget -qO- --header \"X-aws-ec2-metadata-token: $t\" http://%s%s"
+    % (E2E_METADATA, E2E_METADATA, E2E_CREDENTIALS_PATH))
+
+
+class EndToEndDockerTest(unittest.TestCase):
+    """The proxy behind setup-firewall.sh, as real containers on a real dockerd see it.
+
+    One dockerd, one proxy, one firewall for the whole class; each test runs containers.
+    """
+
+    maxDiff = None
+
+    # Class setup
+
+    @classmethod
+    def setUpClass(cls):
+        cls.started = time.monotonic()
+        reason = cls._missing_prerequisite()
+        if reason:
+            e2e_unavailable(reason)
+        cls.netns = "emp-e2e-%d" % os.getpid()
+        cls.outside_netns = cls.netns + "-out"
+        cls.tmp = tempfile.mkdtemp(prefix="emp-e2e-")
+        cls.procs = E2EProcessGroup(cls.tmp)
+        cls.created_netns = []
+        cls.answers = []  # every body any probe got back, for the marker check
+        cls.container_seq = 0
+        try:
+            cls._set_up()
+        except BaseException:
+            cls._tear_down()
+            raise
+
+    @classmethod
+    def _missing_prerequisite(cls):
+        reason = e2e_missing(("dockerd", "docker", "iptables", "iptables-save", "ip6tables-save", "nsenter", "ip",
+                              "ss", "busybox"))
+        if reason:
+            return reason
+        if not e2e_is_static_elf(os.path.realpath(shutil.which("busybox"))):
+            return "busybox is not statically linked (apt-get install busybox-static)"
+        for module in ("botocore", "moto.server"):
+            try:
+                __import__(module)
+            except ImportError:
+                return "python module %s missing (pip install botocore 'moto[server]')" % module
+        return None
+
+    @classmethod
+    def _set_up(cls):
+        cls._create_netns(cls.netns)
+        cls._start_dockerd()
+        cls._import_image()
+        e2e_run(cls.docker_cmd("network", "create", "--driver", "bridge",
+                               "--subnet", E2E_USER_SUBNET, "--gateway", E2E_USER_GATEWAY,
+                               "-o", "com.docker.network.bridge.name=" + E2E_USER_BRIDGE, E2E_USER_NET))
+        cls.gateway = cls._ipv4_of("docker0")
+        cls._create_outside_netns()
+        cls.iptables_before = e2e_iptables_dump(cls.netns)
+        cls._start_servers()
+        e2e_run(e2e_in_netns(cls.netns, E2E_FIREWALL, *cls.firewall_args()))
+        cls.iptables_after = e2e_iptables_dump(cls.netns)
+
+    @classmethod
+    def firewall_args(cls):
+        return ("--container-iface", "docker0", "--container-iface", E2E_USER_BRIDGE,
+                "--proxy-port", str(E2E_PROXY_PORT))
+
+    @classmethod
+    def _create_netns(cls, name):
+        e2e_add_netns(name)
+        cls.created_netns.append(name)
+
+    @classmethod
+    def _start_dockerd(cls):
+        cls.docker_sock = os.path.join(cls.tmp, "docker.sock")
+        config = os.path.join(cls.tmp, "daemon.json")
+        with open(config, "w") as f:
+            json.dump(cls._daemon_config(), f)
+        # nsenter --net, not `ip netns exec`: that remounts /sys, and dockerd then finds
+        # no cgroup mounts. Own containerd namespaces in case a system containerd is found.
+        cls.dockerd = cls.procs.start("dockerd", e2e_in_netns(
+            cls.netns, "dockerd",
+            "--config-file", config,
+            "--data-root", os.path.join(cls.tmp, "data"),
+            "--exec-root", os.path.join(cls.tmp, "exec"),
+            "--pidfile", os.path.join(cls.tmp, "dockerd.pid"),
+            "-H", "unix://" + cls.docker_sock,
+            "--storage-driver", "vfs",
+            "--iptables=true", "--ip6tables=false", "--ipv6=false",
+            "--containerd-namespace", "emp-e2e",
+            "--containerd-plugins-namespace", "emp-e2e-plugins",
+            "--log-level", "warn"))
+        wait_until(lambda: cls.dockerd.poll() is not None or e2e_run(
+            cls.docker_cmd("version", "--format", "{{.Server.Version}}"), timeout=10, check=False).returncode == 0,
+            timeout=60, interval=0.5)
+        if cls.dockerd.poll() is not None or not os.path.exists(cls.docker_sock):
+            e2e_unavailable("dockerd did not start in a network namespace: " + cls.procs.log("dockerd"))
+
+    @classmethod
+    def _daemon_config(cls):
+        """Docker before 23 writes a trust key to /etc/docker/key.json unless its config
+        says otherwise; later versions neither write it nor accept the key."""
+        words = e2e_run(["dockerd", "--version"], timeout=30).stdout.split()
+        major = (words[2] if len(words) > 2 else "").split(".")[0]
+        if major.isdigit() and int(major) < 23:
+            return {"deprecated-key-path": os.path.join(cls.tmp, "key.json")}
+        return {}
+
+    @classmethod
+    def docker_cmd(cls, *args):
+        # --config: the CLI keeps its state in our temp dir, not in ~/.docker.
+        return ["docker", "--config", os.path.join(cls.tmp, "docker-cli"), "-H", "unix://" + cls.docker_sock, *args]
+
+    @classmethod
+    def _import_image(cls):
+        """busybox-static plus mount points for the host's Python, imported as emp-e2e."""
+        tar_path = os.path.join(cls.tmp, "image.tar")
+        busybox = os.path.realpath(shutil.which("busybox"))
+        with tarfile.open(tar_path, "w") as tar:
+            for directory in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "usr"):
+                info = tarfile.TarInfo(directory)
+                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
+                tar.addfile(info)
+            tar.add(busybox, "bin/busybox")
+            for applet in ("sh", "wget", "nc", "printf", "tail", "cat", "sleep", "ip", "env", "ls"):
+                info = tarfile.TarInfo("bin/" + applet)
+                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(info)
+            # Merged-/usr hosts: /lib -> usr/lib and so on, which /usr mounted read-only fills.
+            for name in ("lib", "lib32", "lib64", "libx32"):
+                if os.path.islink("/" + name):
+                    info = tarfile.TarInfo(name)
+                    info.type, info.linkname = tarfile.SYMTYPE, os.readlink("/" + name)
+                    tar.addfile(info)
+        e2e_run(cls.docker_cmd("import", tar_path, "emp-e2e:latest"), timeout=120)
+        mounts = {"/usr", sys.base_prefix, sys.prefix}
+        for name in ("/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.isdir(name) and not os.path.islink(name):
+                mounts.add(name)
+        import botocore
+        mounts.add(os.path.dirname(os.path.dirname(botocore.__file__)))
+        mounts = sorted(os.path.realpath(m) for m in mounts)
+        kept = [m for m in mounts if not any(m != o and m.startswith(o.rstrip("/") + "/") for o in mounts)]
+        cls.python_mounts = [arg for m in kept for arg in ("-v", "%s:%s:ro" % (m, m))]
+
+    @classmethod
+    def _ipv4_of(cls, iface):
+        out = e2e_run(["ip", "-n", cls.netns, "-4", "-o", "addr", "show", "dev", iface]).stdout
+        return out.split()[3].split("/")[0]
+
+    @classmethod
+    def _create_outside_netns(cls):
+        """A second namespace on a veth: a machine on the namespace's non-container side."""
+        cls._create_netns(cls.outside_netns)
+        e2e_run(["ip", "-n", cls.netns, "link", "add", "emp-o0", "type", "veth",
+                 "peer", "name", "emp-o1", "netns", cls.outside_netns])
+        e2e_run(["ip", "-n", cls.netns, "addr", "add", E2E_OUTSIDE_IN + "/24", "dev", "emp-o0"])
+        e2e_run(["ip", "-n", cls.netns, "link", "set", "emp-o0", "up"])
+        e2e_run(["ip", "-n", cls.outside_netns, "addr", "add", E2E_OUTSIDE_OUT + "/24", "dev", "emp-o1"])
+        e2e_run(["ip", "-n", cls.outside_netns, "link", "set", "emp-o1", "up"])
+        for target in (E2E_METADATA, cls.gateway):
+            e2e_run(["ip", "-n", cls.outside_netns, "route", "add", target + "/32", "via", E2E_OUTSIDE_IN])
+
+    @classmethod
+    def _listening(cls, port):
+        out = e2e_run(e2e_in_netns(cls.netns, "ss", "-Hltn", "sport = :%d" % port), check=False).stdout
+        return bool(out.strip())
+
+    @classmethod
+    def _start_servers(cls):
+        py = sys.executable
+        cls.procs.start("imds", e2e_in_netns(cls.netns, py, "-c", E2E_IMDS, HERE, str(E2E_IMDS_PORT)))
+        cls.procs.start("moto", e2e_in_netns(cls.netns, py, "-m", "moto.server", "-H", "0.0.0.0",
+                                             "-p", str(E2E_MOTO_PORT)))
+        config = base_config(listen=":%d" % E2E_PROXY_PORT, aliasLabel=E2E_LABEL,
+                             dockerHost="unix://" + cls.docker_sock,
+                             metadataURL="http://127.0.0.1:%d" % E2E_IMDS_PORT,
+                             stsEndpoint="http://127.0.0.1:%d" % E2E_MOTO_PORT)
+        path = os.path.join(cls.tmp, "proxy.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        # The proxy's own credentials come from its environment, set here whole: no AWS_*
+        # setting of the caller's (or of setUpModule's) reaches it.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_CONFIG_FILE=os.devnull,
+                   AWS_SHARED_CREDENTIALS_FILE=os.devnull, PYTHONUNBUFFERED="1")
+        cls.procs.start("proxy", e2e_in_netns(cls.netns, py, PROXY, "-c", path), env=env)
+        for name, port in (("imds", E2E_IMDS_PORT), ("moto", E2E_MOTO_PORT), ("proxy", E2E_PROXY_PORT)):
+            proc = cls.procs.procs[name]
+            if not wait_until(lambda: proc.poll() is not None or cls._listening(port), timeout=60, interval=0.2) \
+                    or proc.poll() is not None:
+                raise AssertionError("%s is not listening on %d (exit status %s):\n%s" % (
+                    name, port, proc.poll(), cls.procs.log(name)))
+
+    # Class teardown
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tear_down()
+
+    @classmethod
+    def _tear_down(cls):
+        """Every step runs even when an earlier one fails; nothing of ours is left behind."""
+        errors = []
+
+        def attempt(step, *args):
+            try:
+                step(*args)
+            except Exception as e:  # teardown must go on; report at the end
+                errors.append("%s: %s" % (getattr(step, "__name__", step), e))
+
+        if getattr(cls, "docker_sock", None) and os.path.exists(cls.docker_sock):
+            attempt(cls._remove_containers)
+        procs = getattr(cls, "procs", None)
+        if procs is not None:
+            attempt(procs.stop, "proxy")
+            attempt(procs.stop, "moto")
+            attempt(procs.stop, "imds")
+            attempt(procs.stop, "dockerd", 30)
+            attempt(procs.stop_all)
+        for netns in reversed(getattr(cls, "created_netns", [])):
+            attempt(cls._kill_leftovers, netns)
+        if getattr(cls, "tmp", None):
+            keep = os.environ.get("EC2METAPROXY_E2E_KEEP_LOGS")
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                for name in os.listdir(cls.tmp):
+                    if name.endswith(".log"):
+                        attempt(shutil.copy, os.path.join(cls.tmp, name), keep)
+            # dockerd leaves exec-root/netns/default, an nsfs bind mount that would keep
+            # the namespace alive after `ip netns del`: unmount first.
+            attempt(cls._unmount_under, cls.tmp)
+            attempt(shutil.rmtree, cls.tmp)
+        for netns in reversed(getattr(cls, "created_netns", [])):
+            attempt(e2e_run, ["ip", "netns", "del", netns])
+        if hasattr(cls, "started"):
+            sys.stderr.write("\n[e2e] EndToEndDockerTest wall time: %.1fs\n" % (time.monotonic() - cls.started))
+        if errors:
+            raise AssertionError("teardown: " + "; ".join(errors))
+
+    @classmethod
+    def _remove_containers(cls):
+        ids = e2e_run(cls.docker_cmd("ps", "-aq"), timeout=30).stdout.split()
+        if ids:
+            e2e_run(cls.docker_cmd("rm", "-f", *ids), timeout=60)
+
+    @classmethod
+    def _kill_leftovers(cls, netns):
+        """Processes still in the namespace (e.g. containerd shims of a killed dockerd)."""
+        pids = lambda: e2e_run(["ip", "netns", "pids", netns], check=False).stdout.split()
+        for pid in pids():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not wait_until(lambda: not pids(), timeout=10, interval=0.2):
+            raise AssertionError("processes still in %s: %s" % (netns, pids()))
+
+    @staticmethod
+    def _unmount_under(root):
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        for point in sorted((p for p in points if p.startswith(root + "/")), reverse=True):
+            e2e_run(["umount", "-l", point], check=False)
+
+    # Probes
+
+    def run_container(self, label=None, network=None, ip=None, steps="raw,boto", token=""):
+        """Run the probe in a new container; return its result dict."""
+        type(self).container_seq += 1
+        name = "emp-e2e-%d-%d" % (os.getpid(), self.container_seq)
+        gateway = E2E_USER_GATEWAY if network == E2E_USER_NET else self.gateway
+        if network == "host":
+            gateway = "127.0.0.1"
+        cmd = self.docker_cmd("run", "--rm", "--name", name)
+        if label is not None:
+            cmd += ["--label", "%s=%s" % (E2E_LABEL, label)]
+        if network:
+            cmd += ["--network", network]
+        if ip:
+            cmd += ["--ip", ip]
+        cmd += self.python_mounts
+        cmd += ["-e", "HOME=/tmp", "-e", "PYTHONNOUSERSITE=1", "-e", "PYTHONDONTWRITEBYTECODE=1",
+                "-e", "AWS_CONFIG_FILE=/nonexistent", "-e", "AWS_SHARED_CREDENTIALS_FILE=/nonexistent",
+                "emp-e2e:latest", sys.executable, "-c", E2E_CONTAINER_PROBE,
+                "http://" + E2E_METADATA, "http://%s:%d" % (gateway, E2E_MOTO_PORT), steps, token]
+        result = e2e_run(cmd, timeout=90, check=False)
+        lines = [l for l in result.stdout.splitlines() if l.startswith("PROBE-RESULT ")]
+        self.assertTrue(lines, "container probe printed nothing (exit %d): %s\n%s" % (
+            result.returncode, result.stderr[-2000:], self.proxy_log()))
+        out = json.loads(lines[-1][len("PROBE-RESULT "):])
+        self.check_no_marker(out)
+        return out
+
+    def socket_probe(self, host, port, path=E2E_CREDENTIALS_PATH, netns=None, timeout=2.0):
+        """One connection to host:port and a raw GET of path, from netns or else from a new container."""
+        probe = [sys.executable, "-c", E2E_SOCKET_PROBE, host, str(port), str(timeout), path]
+        if netns:
+            cmd = e2e_in_netns(netns, *probe)
+        else:
+            cmd = self.docker_cmd("run", "--rm", *self.python_mounts, "-e", "PYTHONNOUSERSITE=1", "emp-e2e:latest",
+                                  *probe)
+        out = json.loads(e2e_run(cmd, timeout=60).stdout)
+        self.check_no_marker(out)
+        return out
+
+    def check_no_marker(self, out):
+        text = json.dumps(out)
+        self.answers.append(text)
+        if HOST_MARKER in text:
+            leaks = [a[:2] for a in out.get("answers", []) if HOST_MARKER in json.dumps(a)]
+            self.fail("the host's credentials leaked to a container via %s" % (leaks or text))
+
+    def proxy_log(self):
+        return "--- proxy log ---\n" + self.procs.log("proxy")
+
+    def assert_role(self, out, role):
+        self.assertIn("arn", out, "no credentials: %s\n%s" % (out, self.proxy_log()))
+        self.assertIn(":assumed-role/%s/" % role, out["arn"], out)
+        self.assertEqual(out.get("boto_method"), "iam-role", out)
+
+    def assert_no_credentials(self, out):
+        self.assertIsNone(out.get("boto_method"), "got credentials: %s" % out)
+        self.assertNotIn("arn", out)
+        self.assertNotIn("raw_access_key", out)
+
+    # Tests: the redirect chain
+
+    def test_redirect_reaches_proxy_port_on_bridge_address(self):
+        # The proxy knows the caller by its source address: the DNAT kept the container's own.
+        out = self.run_container(steps="raw")
+        self.assertEqual(out["roles_status"], 200, "%s\n%s" % (out, self.proxy_log()))
+        self.assertEqual(out["roles"].strip(), "default-role", out)
+
+    def test_user_defined_network_is_redirected(self):
+        out = self.run_container(network=E2E_USER_NET, steps="raw")
+        self.assertEqual(out["roles_status"], 200, "%s\n%s" % (out, self.proxy_log()))
+        self.assertEqual(out["roles"].strip(), "default-role", out)
+
+    # Tests: roles
+
+    def test_labelled_container_gets_its_alias_role(self):
+        out = self.run_container(label="web")
+        self.assertEqual(out["token_status"], 200, out)
+        self.assertEqual(out["roles"].strip(), "web-role", out)
+        self.assert_role(out, "web-role")
+
+    def test_unlabelled_container_gets_default_role(self):
+        out = self.run_container()
+        self.assertEqual(out["roles"].strip(), "default-role", out)
+        self.assert_role(out, "default-role")
+
+    def test_unknown_alias_gets_no_credentials(self):
+        out = self.run_container(label="no-such-alias")
+        self.assert_no_credentials(out)
+
+    def test_new_container_is_served_on_first_request(self):
+        # The probe's first request is its very first network traffic, made right after
+        # start, with no retry: the proxy must not depend on having seen the start event.
+        out = self.run_container(label="web", steps="raw")
+        first = out["answers"][0]
+        self.assertEqual(first[:3], ["PUT", "/latest/api/token", 200], out)
+        self.assertEqual(out["roles_status"], 200, "%s\n%s" % (out, self.proxy_log()))
+        self.assertEqual(out["roles"].strip(), "web-role", out)
+        self.assertEqual(out.get("creds_status"), 200, out)
+
+    def test_reused_ip_never_gets_previous_containers_role(self):
+        first = self.run_container(label="web", network=E2E_USER_NET, ip=E2E_REUSED_IP)
+        self.assert_role(first, "web-role")
+        second = self.run_container(label="no-such-alias", network=E2E_USER_NET, ip=E2E_REUSED_IP)
+        self.assert_no_credentials(second)
+        third = self.run_container(network=E2E_USER_NET, ip=E2E_REUSED_IP)
+        self.assert_role(third, "default-role")
+        self.assertNotEqual(third["access_key"], first["access_key"])
+        fourth = self.run_container(label="web", network=E2E_USER_NET, ip=E2E_REUSED_IP)
+        self.assert_role(fourth, "web-role")
+
+    def test_new_container_is_served_on_instant_first_request(self):
+        # busybox asks within milliseconds of the process start, before Docker's start
+        # event can have reached the proxy: IMDSv1, then IMDSv2 (token by nc, GET by wget).
+        failures = []
+        for round_ in range(3):
+            for kind, script in (("IMDSv1", E2E_INSTANT_V1), ("IMDSv2", E2E_INSTANT_V2)):
+                result = e2e_run(self.docker_cmd("run", "--rm", "--label", E2E_LABEL + "=web",
+                                                 "emp-e2e:latest", "sh", "-c", script), check=False)
+                self.answers.append(result.stdout)
+                if result.stdout.strip() != "web-role":
+                    failures.append("%s round %d: %r %r" % (kind, round_, result.stdout, result.stderr.strip()))
+        self.assertEqual(failures, [], self.proxy_log())
+
+    def test_reused_ip_race_with_instant_request(self):
+        # busybox wget asks within milliseconds of the start, racing the proxy's view of
+        # the event stream; bounded to a few rounds.
+        url = "http://%s%s" % (E2E_METADATA, E2E_CREDENTIALS_PATH)
+        for round_ in range(3):
+            name = "emp-e2e-%d-race" % os.getpid()
+            e2e_run(self.docker_cmd("run", "-d", "--name", name, "--network", E2E_USER_NET,
+                                    "--ip", E2E_REUSED_IP, "--label", E2E_LABEL + "=web",
+                                    "emp-e2e:latest", "sleep", "60"))
+            try:
+                first = e2e_run(self.docker_cmd("exec", name, "wget", "-qO-", url), check=False)
+                self.assertEqual(first.stdout.strip(), "web-role", (round_, first.stderr))
+            finally:
+                e2e_run(self.docker_cmd("rm", "-f", name))
+            second = e2e_run(self.docker_cmd("run", "--rm", "--network", E2E_USER_NET, "--ip", E2E_REUSED_IP,
+                                             "emp-e2e:latest", "wget", "-qO-", url), check=False)
+            self.answers.append(second.stdout)
+            self.assertEqual(second.stdout.strip(), "default-role",
+                             "round %d: %r %r\n%s" % (round_, second.stdout, second.stderr, self.proxy_log()))
+
+    def test_token_of_previous_container_on_same_ip_is_refused(self):
+        first = self.run_container(label="web", network=E2E_USER_NET, ip=E2E_REUSED_IP, steps="raw")
+        self.assertEqual(first["token_status"], 200, first)
+        token = first["token"]
+        second = self.run_container(label="web", network=E2E_USER_NET, ip=E2E_REUSED_IP, steps="raw", token=token)
+        self.assertEqual(second["roles_status"], 401, second)
+
+    def test_user_defined_network_container_gets_its_role(self):
+        out = self.run_container(label="web", network=E2E_USER_NET)
+        self.assert_role(out, "web-role")
+
+    def test_other_metadata_is_forwarded_from_host(self):
+        out = self.run_container(steps="raw")
+        answers = {a[1]: a for a in out["answers"]}
+        self.assertEqual(answers["/latest/meta-data/instance-id"][2:], [200, "i-0host0000000000"], out)
+
+    # Tests: who cannot reach the proxy
+
+    def test_host_network_container_gets_no_credentials(self):
+        out = self.run_container(network="host", steps="raw,boto")
+        self.assertIsNone(out.get("boto_method"), out)
+        self.assertNotEqual(out.get("roles_status"), 200, out)
+        for host in (self.gateway, "127.0.0.1"):
+            direct = self.socket_probe(host, E2E_PROXY_PORT, netns=self.netns)
+            self.assertEqual(direct["connect"], "timeout", (host, direct))
+
+    def test_outside_interface_cannot_reach_proxy(self):
+        # Control first: the path from the outside namespace works, for another port.
+        control = self.socket_probe(E2E_OUTSIDE_IN, E2E_MOTO_PORT, netns=self.outside_netns)
+        self.assertEqual(control["connect"], "open", control)
+        direct = self.socket_probe(E2E_OUTSIDE_IN, E2E_PROXY_PORT, netns=self.outside_netns)
+        self.assertEqual(direct["connect"], "timeout", direct)
+        via_gateway = self.socket_probe(self.gateway, E2E_PROXY_PORT, netns=self.outside_netns)
+        self.assertEqual(via_gateway["connect"], "timeout", via_gateway)
+        metadata = self.socket_probe(E2E_METADATA, 80, netns=self.outside_netns)
+        self.assertNotEqual(metadata["connect"], "open", metadata)
+
+    # Tests: the firewall script
+
+    def test_firewall_rules_are_idempotent_and_removable(self):
+        cmd = [E2E_FIREWALL, *self.firewall_args()]
+        self.assertIn(E2E_CHAIN_PREFIX, self.iptables_after)
+        e2e_run(e2e_in_netns(self.netns, *cmd))
+        self.assertEqual(e2e_iptables_dump(self.netns), self.iptables_after)
+        try:
+            e2e_run(e2e_in_netns(self.netns, E2E_FIREWALL, "--remove"))
+            removed = e2e_iptables_dump(self.netns)
+            self.assertNotIn(E2E_CHAIN_PREFIX, removed)
+            self.assertEqual(self.without_empty_tables(removed), self.without_empty_tables(self.iptables_before))
+            out = self.run_container(steps="raw")
+            self.assertNotEqual(out["roles_status"], 200, out)
+        finally:
+            e2e_run(e2e_in_netns(self.netns, *cmd))
+        self.assertEqual(e2e_iptables_dump(self.netns), self.iptables_after)
+
+    @staticmethod
+    def without_empty_tables(dump):
+        """Drop tables with no rule and no chain of their own: the nft backend leaves
+        built-in chains behind once a table was used; they accept everything."""
+        kept, table = [], []
+        for line in dump.splitlines():
+            table.append(line)
+            if line == "COMMIT":
+                if any(l.startswith("-A") or (l.startswith(":") and "ACCEPT" not in l) for l in table):
+                    kept.extend(table)
+                table = []
+        return "\n".join(kept)
+
+    # Tests: what never leaks
+
+    def test_zz_marker_never_appeared_in_any_answer(self):
+        # Runs last (name order); every probe above was checked as it came in, and this
+        # also sends the raw paths an attacker would try.
+        self.run_container(steps="raw")
+        for path in ("/latest/meta-data/iam/security-credentials/host-role",
+                     "/latest/meta-data/iam/security-credentials/host-role/",
+                     "//latest/meta-data/iam/security-credentials/host-role",
+                     "/latest/meta-data/iam/security-credentials/../security-credentials/host-role",
+                     "/latest/meta-data/iam/security-credentials/%68ost-role",
+                     "/latest/meta-data/iam/info",
+                     "/latest/user-data"):
+            probe = self.socket_probe(E2E_METADATA, 80, path, timeout=3.0)
+            self.assertEqual(probe["connect"], "open", (path, probe))
+        self.assertTrue(self.answers)
+        for text in self.answers:
+            self.assertNotIn(HOST_MARKER, text)
+        # The proxy has credentials of its own (environment), so no credential path of the
+        # host's IMDS has any reason to be asked for: not forwarded, not prefetched.
+        imds_log = self.procs.log("imds", limit=None)
+        self.assertIn("GET /latest/meta-data/instance-id", imds_log)   # the log does record requests
+        self.assertNotIn("security-credentials", imds_log)
+        self.assertNotIn("/iam/info", imds_log)
+
+
+class SetupFirewallTest(unittest.TestCase):
+    """setup-firewall.sh alone, in a namespace of its own with a veth pair (no Docker)."""
+
+    @classmethod
+    def setUpClass(cls):
+        reason = e2e_missing(("iptables", "iptables-save", "ip6tables-save", "nsenter", "ip"))
+        if reason:
+            e2e_unavailable(reason)
+        cls.netns = "emp-fw-%d" % os.getpid()
+        e2e_add_netns(cls.netns)
+        try:
+            # Two veth ends stand for container bridges: one with IPv4 and IPv6, one bare.
+            cls.ip("link", "add", "emp-c0", "type", "veth", "peer", "name", "emp-c1")
+            cls.ip("addr", "add", "10.125.0.1/24", "dev", "emp-c0")
+            cls.ip("addr", "add", "fd12::1/64", "dev", "emp-c0", "nodad")
+            for iface in ("emp-c0", "emp-c1"):
+                cls.ip("link", "set", iface, "up")
+            # Rules of someone else's that must survive everything.
+            cls.iptables("-A", "INPUT", "-p", "udp", "-j", "ACCEPT")
+            cls.iptables("-t", "nat", "-A", "PREROUTING", "-p", "udp", "-j", "RETURN")
+        except BaseException:
+            e2e_run(["ip", "netns", "del", cls.netns], check=False)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        e2e_run(["ip", "netns", "del", cls.netns])
+
+    @classmethod
+    def ip(cls, *args):
+        return e2e_run(["ip", "-n", cls.netns, *args])
+
+    @classmethod
+    def iptables(cls, *args):
+        return e2e_run(e2e_in_netns(cls.netns, "iptables", "-w", *args)).stdout
+
+    def script(self, *args, check=True):
+        return e2e_run(e2e_in_netns(self.netns, E2E_FIREWALL, *args), check=check, timeout=30)
+
+    def dump(self):
+        return e2e_iptables_dump(self.netns)
+
+    def tearDown(self):
+        self.script("--remove")
+
+    def test_installs_redirect_and_guard_for_both_families(self):
+        self.script("--container-iface", "emp-c0")
+        v4 = e2e_run(e2e_in_netns(self.netns, "iptables-save")).stdout
+        v6 = e2e_run(e2e_in_netns(self.netns, "ip6tables-save")).stdout
+        self.assertIn("-A EC2METAPROXY-DNAT -d 169.254.169.254/32 -i emp-c0 -p tcp -m tcp "
+                      "--dport 80 -j DNAT --to-destination 10.125.0.1:18000", v4)
+        self.assertIn("-A EC2METAPROXY-DNAT -d fd00:ec2::254/128 -i emp-c0 -p tcp -m tcp "
+                      "--dport 80 -j DNAT --to-destination [fd12::1]:18000", v6)
+        for dump in (v4, v6):
+            self.assertIn("-A EC2METAPROXY-INPUT -i emp-c0 -p tcp -m tcp --dport 18000 -j ACCEPT\n"
+                          "-A EC2METAPROXY-INPUT -p tcp -m tcp --dport 18000 -j DROP", dump)
+
+    def test_second_run_changes_nothing_and_keeps_jump_first(self):
+        args = ("--container-iface", "emp-c0", "--container-iface", "emp-c1",
+                "--proxy-ip", "10.125.0.1", "--proxy-port", "18001")
+        self.script(*args)
+        once = self.dump()
+        self.script(*args)
+        self.assertEqual(self.dump(), once)
+        # Someone (Docker restarting, an operator) puts a rule above our jumps.
+        self.iptables("-I", "INPUT", "1", "-p", "icmp", "-j", "ACCEPT")
+        self.iptables("-t", "nat", "-I", "PREROUTING", "1", "-p", "icmp", "-j", "RETURN")
+        self.script(*args)
+        rules = self.iptables("-S", "INPUT").splitlines()
+        self.assertEqual(rules[1], "-A INPUT -j EC2METAPROXY-INPUT")
+        self.assertEqual(sum(r == "-A INPUT -j EC2METAPROXY-INPUT" for r in rules), 1)
+        self.assertEqual(self.iptables("-t", "nat", "-S", "PREROUTING").splitlines()[1],
+                         "-A PREROUTING -j EC2METAPROXY-DNAT")
+        self.iptables("-D", "INPUT", "-p", "icmp", "-j", "ACCEPT")
+        self.iptables("-t", "nat", "-D", "PREROUTING", "-p", "icmp", "-j", "RETURN")
+        self.assertEqual(self.dump(), once)
+
+    def test_remove_leaves_only_what_was_there(self):
+        self.script("--remove")
+        before = self.dump()
+        self.script("--container-iface", "emp-c0")
+        self.assertIn(E2E_CHAIN_PREFIX, self.dump())
+        self.script("--remove")
+        self.assertEqual(self.dump(), before)
+        self.script("--remove")  # nothing to remove is not an error
+        self.assertEqual(self.dump(), before)
+
+    def test_dry_run_prints_and_changes_nothing(self):
+        before = self.dump()
+        out = self.script("--container-iface", "emp-c0", "--dry-run").stdout
+        self.assertIn("iptables-restore -w --noflush", out)
+        self.assertIn("--to-destination 10.125.0.1:18000", out)
+        self.assertEqual(self.dump(), before)
+
+    def test_bad_input_is_refused_with_one_line_and_nothing_applied(self):
+        before = self.dump()
+        cases = [
+            ((), "at least one --container-iface"),
+            (("--container-iface",), "needs a value"),
+            (("--bogus",), "unknown argument"),
+            (("--container-iface", "emp-nope"), "does not exist"),
+            (("--container-iface", "emp-c1"), "has no IPv4 address"),
+            (("--container-iface", "emp-c0", "--container-iface", "emp-nope"), "does not exist"),
+            (("--container-iface", "bad;name"), "not a valid interface name"),
+            (("--container-iface", "emp-c0", "--proxy-port", "0"), "--proxy-port"),
+            (("--container-iface", "emp-c0", "--proxy-port", "65536"), "--proxy-port"),
+            (("--container-iface", "emp-c0", "--metadata-port", "http"), "--metadata-port"),
+            (("--container-iface", "emp-c0", "--proxy-ip", "10.1.2"), "--proxy-ip"),
+            (("--container-iface", "emp-c0", "--proxy-ip", "127.0.0.1"), "loopback"),
+            (("--container-iface", "emp-c0", "--metadata-ip", "1.2.3.256"), "--metadata-ip"),
+            (("--container-iface", "emp-c0", "--metadata-ip6", "fd00::1::2"), "--metadata-ip6"),
+            (("--remove=yes",), "takes no value"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                result = self.script(*args, check=False)
+                self.assertNotEqual(result.returncode, 0)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(message, result.stderr)
+        self.assertEqual(self.dump(), before)
+
+    def test_refuses_without_root_or_iptables(self):
+        nobody = e2e_run(e2e_in_netns(self.netns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                      E2E_FIREWALL, "--container-iface", "emp-c0"), check=False)
+        self.assertNotEqual(nobody.returncode, 0)
+        self.assertIn("must run as root", nobody.stderr)
+        bare = e2e_run(e2e_in_netns(self.netns, "env", "PATH=/nonexistent", "/bin/bash", E2E_FIREWALL,
+                                    "--container-iface", "emp-c0"), check=False)
+        self.assertNotEqual(bare.returncode, 0)
+        self.assertIn("not found in PATH", bare.stderr)
+
+    def test_help_names_every_flag(self):
+        out = self.script("--help").stdout
+        for flag in ("--container-iface", "--proxy-port", "--proxy-ip", "--metadata-ip",
+                     "--metadata-ip6", "--metadata-port", "--no-ipv6", "--remove", "--dry-run",
+                     "--help"):
+            self.assertIn(flag, out)

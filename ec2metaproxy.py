@@ -17,6 +17,7 @@ Licence: MIT (see LICENSE).
 import argparse
 import base64
 import bisect
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -26,6 +27,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
 import queue
 import random
@@ -50,6 +52,11 @@ __version__ = "1.0.0"
 
 def normalize_ip(address: str) -> str:
     """Return the canonical text of an IP address (IPv4-mapped IPv6 as IPv4)."""
+    # Fast paths for what accept() gives: dotted IPv4, and IPv4 on a dual-stack socket.
+    if ":" not in address:
+        return address
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -157,6 +164,7 @@ class Config:
     source_identity: Optional[str] = None
     static_mappings: Tuple[Tuple[object, str], ...] = ()
     mock: bool = False
+    require_tokens: bool = False
 
 
 def _expect(key: str, value, kind, what: str):
@@ -368,6 +376,7 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "sourceIdentity": ("source_identity", lambda k, v: None if v is None else parse_template(k, v)),
     "staticMappings": ("static_mappings", parse_static_mappings),
     "mock": ("mock", lambda k, v: _expect(k, v, bool, "true or false")),
+    "requireTokens": ("require_tokens", lambda k, v: _expect(k, v, bool, "true or false")),
 }
 REQUIRED_KEYS = ("listen", "aliasToARN", "defaultAlias")
 
@@ -512,7 +521,9 @@ class DockerClient:
                     try:
                         yield json.loads(line)
                     except ValueError:
-                        log.warning("ignored an undecodable Docker event (%d bytes)", len(line))
+                        # A lost event may be a lost die: the index must be listed again.
+                        log.warning("an undecodable Docker event (%d bytes); listing containers again", len(line))
+                        yield {"Type": "undecodable"}
         finally:
             conn.close()
 
@@ -577,6 +588,7 @@ class ContainerIndex:
     """
 
     RELIST_AFTER = 0.05   # an unknown caller's second look, for a container Docker lists late
+    FULL_LISTING_EVERY = 60.0   # a listing even without events, should one have been lost
 
     def __init__(self, docker: DockerClient, with_env: bool = False,
                  on_added: Callable[[List[Container]], None] = lambda added: None,
@@ -599,11 +611,10 @@ class ContainerIndex:
         self._finished = 0    # listings completed (or failed)
         self._tombstones: Dict[str, float] = {}   # container id or id/network -> time removed
         self._urgent = False       # the pending listing was asked for by a Docker event
+        self._current_from: Optional[int] = None   # the first listing after subscribing to events
         self._budget = (unknown_burst, clock())   # token bucket for listings unknown callers ask for
         self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
         self.reachable: Optional[bool] = None
-        self.last_error = ""
 
     # Lookups (the request path)
 
@@ -632,6 +643,8 @@ class ContainerIndex:
         deadline = self._clock() + timeout
         with self._lock:
             wanted = self._request_locked(urgent=False)
+            if self.reachable is False:
+                return None   # Docker is down: nobody new can show until it is back
 
             def known():
                 # Also give up once a listing has failed: Docker is down and nothing will show.
@@ -640,6 +653,22 @@ class ContainerIndex:
             if not self._changed.wait_for(known, min(self.RELIST_AFTER, max(0.0, deadline - self._clock()))):
                 self._request_locked(urgent=False)
                 self._changed.wait_for(known, max(0.0, deadline - self._clock()))
+        return self._by_ip.get(ip)
+
+    def is_current(self) -> bool:
+        """Whether the index follows Docker's events (subscribed, and listed since)."""
+        ticket = self._current_from
+        return ticket is not None and self._finished >= ticket
+
+    def lookup_listed(self, ip: str, timeout: float) -> Optional[Container]:
+        """Look ip up after a listing begun now (bounded): for when events may have been missed.
+
+        If Docker cannot answer, the known entry is returned: containers already known
+        keep being served while the daemon is away.
+        """
+        with self._lock:
+            wanted = self._request_locked()
+            self._changed.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout)
         return self._by_ip.get(ip)
 
     # Changes
@@ -704,7 +733,9 @@ class ContainerIndex:
         kind = event.get("Type") or ("container" if "status" in event else "")
         action = event.get("Action") or event.get("status") or ""
         actor = event.get("Actor") or {}
-        if kind == "container":
+        if kind == "undecodable":
+            self.request_resync()
+        elif kind == "container":
             container_id = actor.get("ID") or event.get("id") or ""
             if action in ("die", "destroy"):
                 self.remove(container_id)
@@ -785,7 +816,6 @@ class ContainerIndex:
             log.warning("Docker is not reachable at %s yet (%s); serving known containers and retrying",
                         self._docker.socket_path, error)
         self.reachable = reachable
-        self.last_error = error
 
     def sync_once(self) -> bool:
         """Make one listing now (start-up); return whether Docker answered."""
@@ -816,7 +846,9 @@ class ContainerIndex:
         backoff = Backoff(self._stop, cap=5.0)
         while not self._stop.is_set():
             with self._lock:
-                self._changed.wait_for(lambda: self._requested > self._started or self._stop.is_set())
+                if not self._changed.wait_for(lambda: self._requested > self._started or self._stop.is_set(),
+                                              self.FULL_LISTING_EVERY):
+                    self._request_locked()
                 while not self._stop.is_set() and not self._urgent:
                     delay = self._budget_wait_locked()
                     if delay <= 0:
@@ -841,7 +873,7 @@ class ContainerIndex:
             try:
                 stream = self._docker.events()
                 # Subscribed: a listing now misses nothing that happened while we were away.
-                self.request_resync()
+                self._current_from = self.request_resync()
                 backoff.reset()
                 for event in stream:
                     self.handle_event(event)
@@ -850,6 +882,7 @@ class ContainerIndex:
                 error = "the event stream ended"
             except DockerError as exc:
                 error = str(exc)
+            self._current_from = None   # events may be missed from now on
             if self._stop.is_set():
                 return
             self._set_reachable(False, error)
@@ -858,9 +891,7 @@ class ContainerIndex:
 
     def start(self) -> None:
         for target, name in ((self._resync_loop, "docker-resync"), (self._event_loop, "docker-events")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -873,7 +904,8 @@ class ContainerIndex:
 # Owns the decision of which role (with external id, session policy, tags
 # and session name) a container may use; the answer is remembered per container.
 
-VALID_VERSION = re.compile(r"^(latest|\d{4}-\d{2}-\d{2}|1\.0)$")
+VALID_VERSION = re.compile(r"^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}|1\.0)$")
+DECIMAL = re.compile(r"^[0-9]{1,12}$")
 TAG_VALUE_CHARS = re.compile(r"[^\w\s.:/=+@-]")
 
 
@@ -1141,6 +1173,10 @@ class StsClient:
             retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
         self._new_session = botocore.session.Session
         self._client = None
+        # Building a client costs ~0.5 s and ~9 MB and may ask the metadata service for the
+        # proxy's own credentials: one STS worker builds it while the others wait (no request
+        # thread ever waits here).
+        self._client_lock = threading.Lock()
         self._short_roles: Dict[str, bool] = {}
 
     def _session(self):
@@ -1179,13 +1215,21 @@ class StsClient:
                 return self._assume(spec, 3600)
             raise
 
-    def _assume(self, spec: RoleSpec, duration: int) -> Credentials:
+    def client(self):
+        """The STS client, built once (and again after the proxy had no credentials)."""
         client = self._client
-        if client is None:
-            try:
-                client = self._client = self._make_client()
-            except self._errors.BotoCoreError as exc:
-                raise CredentialError("STSClientError", str(exc)) from None
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = self._make_client()
+                except self._errors.BotoCoreError as exc:
+                    raise CredentialError("STSClientError", str(exc)) from None
+            return self._client
+
+    def _assume(self, spec: RoleSpec, duration: int) -> Credentials:
+        client = self.client()
         params = {"RoleArn": spec.arn, "RoleSessionName": spec.session_name, "DurationSeconds": duration}
         if spec.policy:
             params["Policy"] = spec.policy
@@ -1211,12 +1255,20 @@ class StsClient:
         except self._errors.ParamValidationError as exc:
             raise CredentialError("InvalidParameter", str(exc).replace("\n", " "), retryable=False) from None
         except self._errors.BotoCoreError as exc:
+            # Connection and time-out errors; their text names the endpoint, never a body.
             raise CredentialError("STSUnavailable", str(exc)) from None
-        now = time.time()
-        expiration = answer["Expiration"]
-        expiration = expiration.timestamp() if hasattr(expiration, "timestamp") else float(expiration)
-        return Credentials.issue(answer["AccessKeyId"], answer["SecretAccessKey"], answer["SessionToken"],
-                                 expiration, now, spec.account_id)
+        except Exception as exc:
+            # Anything else (an unparsable answer, say) may carry the response body, and with
+            # it a secret key: keep only the type.
+            raise CredentialError("STSError", type(exc).__name__) from None
+        try:
+            now = time.time()
+            expiration = answer["Expiration"]
+            expiration = expiration.timestamp() if hasattr(expiration, "timestamp") else float(expiration)
+            return Credentials.issue(answer["AccessKeyId"], answer["SecretAccessKey"], answer["SessionToken"],
+                                     expiration, now, spec.account_id)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CredentialError("STSError", f"incomplete answer ({type(exc).__name__})") from None
 
 
 def refresh_margin(lifetime: float) -> float:
@@ -1254,8 +1306,10 @@ class CredentialCache:
     MIN_VALID = 60.0   # never hand out credentials with less than this left
 
     def __init__(self, sts, workers: int = 6, background_rate: float = 25.0,
-                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0,
+                 alive: Callable[[str], bool] = lambda container_id: True):
         self._sts = sts
+        self._alive = alive
         self._clock = clock
         self._rate = background_rate
         self._retry_cap = retry_cap
@@ -1373,6 +1427,13 @@ class CredentialCache:
                     continue
                 self._due.pop(0)
                 entry = self._entries.get(key)
+                if entry is not None and not self._alive(key[0]):
+                    # A request raced the container's death and brought its entry back.
+                    self._entries.pop(key, None)
+                    self._by_container.get(key[0], set()).discard(key)
+                    if not self._by_container.get(key[0]):
+                        self._by_container.pop(key[0], None)
+                    entry = None
                 needed = (entry is not None and entry.done is None
                           and (entry.creds is None or now >= entry.refresh_at))
                 if needed:
@@ -1400,8 +1461,8 @@ class CredentialCache:
             creds = self._sts.assume_role(spec)
         except CredentialError as exc:
             error = exc
-        except Exception as exc:   # a bug or an SDK surprise must not kill the worker
-            log.exception("AssumeRole %s for %s failed unexpectedly", spec.arn, entry.label)
+        except Exception as exc:   # a bug must not kill the worker; its text might hold a secret
+            log.error("AssumeRole %s for %s failed unexpectedly: %s", spec.arn, entry.label, type(exc).__name__)
             error = CredentialError("InternalError", type(exc).__name__)
         now = self._clock()
         with self._lock:
@@ -1585,7 +1646,7 @@ class MetadataUpstream:
                 conn.request(method, path, headers=headers)
                 response = conn.getresponse()
                 length = response.getheader("Content-Length")
-                if length is not None and length.isdigit() and int(length) > self.MAX_BODY:
+                if length is not None and DECIMAL.match(length) and int(length) > self.MAX_BODY:
                     raise UpstreamError(502, "answer too large")
                 body = response.read(self.MAX_BODY + 1) if method != "HEAD" else b""
                 if len(body) > self.MAX_BODY:
@@ -1711,7 +1772,8 @@ class MetadataService:
     """Answers one IMDS request from one source address: tokens, credentials, forwarding, refusals."""
 
     def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
-                 tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3):
+                 tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
+                 require_tokens: bool = False):
         self.index = index
         self.roles = roles
         self.credentials = credentials
@@ -1719,14 +1781,23 @@ class MetadataService:
         self.upstream = upstream
         self.wait_timeout = wait_timeout
         self.resync_timeout = resync_timeout
+        self.require_tokens = require_tokens
 
     def caller(self, source: str, resync: bool) -> Optional[Container]:
-        """The container behind a source address (one bounded resync first if asked), or a static mapping."""
-        container = self.index.lookup(source)
-        if container is None and resync:
-            container = self.index.lookup_or_resync(source, self.resync_timeout)
+        """The container behind a source address, or its static mapping.
+
+        With resync (a credential or token request), the answer must be current: while
+        Docker's events are not followed, a listing comes first; an unknown address waits
+        (bounded) for Docker to list it.
+        """
+        if resync and not self.index.is_current():
+            container = self.index.lookup_listed(source, self.resync_timeout)
+        else:
+            container = self.index.lookup(source)
         if container is None:
             container = self.roles.static_container(source)
+        if container is None and resync:
+            container = self.index.lookup_or_resync(source, self.resync_timeout)
         return container
 
     def answer(self, method: str, target: str, headers: Mapping[str, str], source: str) -> Answer:
@@ -1747,9 +1818,11 @@ class MetadataService:
             # working once a container is known there: the address may have been reused.
             if not self.tokens.valid(token, self.binding(container, source)):
                 return text_answer(401, "401 - Unauthorized")
+        elif self.require_tokens:
+            return text_answer(401, "401 - Unauthorized")   # IMDSv2 only, like HttpTokens=required
         if len(lower) >= 3 and lower[1] == "meta-data" and lower[2] in ("iam", "identity-credentials"):
             if VALID_VERSION.match(segments[0]) and lower[2] == "iam":
-                return self.iam(path, segments[3:], container or self.caller(source, resync=True), deadline)
+                return self.iam(path, segments[3:], self.caller(source, resync=True), deadline)
             return Answer(404, NOT_FOUND)
         if CREDENTIAL_SEGMENTS.intersection(lower):
             return Answer(404, NOT_FOUND)
@@ -1775,7 +1848,7 @@ class MetadataService:
         if "x-forwarded-for" in headers:
             return text_answer(403, "403 - Forbidden")
         ttl = headers.get(TOKEN_TTL_HEADER, "")
-        if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+        if not DECIMAL.match(ttl) or not 1 <= int(ttl) <= 21600:
             return text_answer(400, "400 - Bad Request")
         container = self.caller(source, resync=True)
         token = self.tokens.issue(self.binding(container, source), int(ttl))
@@ -1790,7 +1863,7 @@ class MetadataService:
         kind = rest[0].lower() if rest else ""
         directory = kind in ("security-credentials", "security-credentials-extended")
         if (not rest and not trailing) or (len(rest) == 1 and not trailing and directory):
-            return Answer(301, b"", (("Location", path + "/"),), **who)
+            return Answer(301, b"", (("Location", urllib.parse.quote(path + "/")),), **who)
         if spec is None:
             return Answer(404, NOT_FOUND, **who)
         if not rest:
@@ -1890,15 +1963,16 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         while True:
             started = time.perf_counter()
             try:
-                head, buffer = self.read_head(buffer, started)
+                head, buffer = self.read_head(buffer)
                 if head is None:
                     return
+                started = time.perf_counter()   # the request is here: idle time is not its time
                 method, target, version, headers = self.parse_head(head)
-                buffer = self.read_body(headers, buffer, started)
+                buffer = self.read_body(headers, buffer, time.monotonic() + server.limits.request_timeout)
             except HttpError as exc:
                 self.send(exc.status, STATUS_TEXT[exc.status].encode(), (), close=True)
-                log.info("%s - - - %s %d %.1fms (%s)", source, "-", exc.status,
-                         (time.perf_counter() - started) * 1000, exc)
+                self.log_access("%s - - - - %d %.1fms (%s)", source, exc.status,
+                                (time.perf_counter() - started) * 1000, exc)
                 return
             except OSError:
                 return
@@ -1915,19 +1989,27 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                     log.exception("error answering %s %s from %s", method, ascii(target)[:200], source)
                     answer = text_answer(500, "500 - Internal Server Error")
                     keep = False
+            # Logged before the answer goes out: once a client has its answer it opens its next
+            # connection, and work left after sending would pile up behind it.
+            self.log_access("%s %s %s %s %s %d %.1fms", source, answer.container, answer.role, method,
+                            ascii(target)[1:-1][:200], answer.status, (time.perf_counter() - started) * 1000)
             body = b"" if method == "HEAD" else answer.body
             try:
                 self.send(answer.status, body, answer.headers, close=not keep, length=len(answer.body),
                           version=version)
             except OSError:
                 return
-            finally:
-                log.info("%s %s %s %s %s %d %.1fms", source, answer.container, answer.role, method,
-                         ascii(target)[1:-1][:200], answer.status, (time.perf_counter() - started) * 1000)
             if not keep:
                 return
 
-    def read_head(self, buffer: bytes, started: float):
+    @staticmethod
+    def log_access(message: str, *args) -> None:
+        """One line per request at INFO: source, container, role, method, path, status, ms."""
+        # A LogRecord made here skips Logger.findCaller's stack walk, a fifth of a request's cost.
+        if log.isEnabledFor(logging.INFO):
+            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, message, args, None))
+
+    def read_head(self, buffer: bytes):
         """Return (head, rest) once a whole head arrived; (None, b"") on a clean close or idle timeout."""
         limits = self.server.limits
         sock = self.request
@@ -2005,27 +2087,27 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             headers[key] = text
         return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
 
-    def read_body(self, headers: Dict[str, str], buffer: bytes, started: float) -> bytes:
-        """Read and discard a request body (IMDS requests carry none); return what follows it."""
+    def read_body(self, headers: Dict[str, str], buffer: bytes, deadline: float) -> bytes:
+        """Read and discard a request body (IMDS requests carry none) by deadline; return what follows."""
         length = headers.get("content-length")
         if "transfer-encoding" in headers:
             if length is not None or headers["transfer-encoding"].lower() != "chunked":
                 raise HttpError(400, "unsupported transfer-encoding")
-            return self.read_chunked(buffer)
+            return self.read_chunked(buffer, deadline)
         if length is None:
             return buffer
-        if not length.isdigit():
-            raise HttpError(400, "malformed content-length")
+        if not DECIMAL.match(length):
+            raise HttpError(400 if not length.isdigit() else 413, "malformed or huge content-length")
         length = int(length)
         if length > self.server.limits.max_body:
             raise HttpError(413, "request body too large")
-        buffer = self.read_until(buffer, lambda data: len(data) >= length)
+        buffer = self.read_until(buffer, lambda data: len(data) >= length, deadline)
         return buffer[length:]
 
-    def read_chunked(self, buffer: bytes) -> bytes:
+    def read_chunked(self, buffer: bytes, deadline: float) -> bytes:
         total = 0
         while True:
-            buffer = self.read_until(buffer, lambda data: b"\r\n" in data)
+            buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
             size_line, _, buffer = buffer.partition(b"\r\n")
             try:
                 size = int(size_line.split(b";", 1)[0].strip(), 16)
@@ -2035,16 +2117,19 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             if size < 0 or total > self.server.limits.max_body:
                 raise HttpError(413, "request body too large")
             if size == 0:
-                buffer = self.read_until(buffer, lambda data: b"\r\n" in data)
-                while not buffer.startswith(b"\r\n"):   # trailers
-                    buffer = self.read_until(buffer.partition(b"\r\n")[2], lambda data: b"\r\n" in data)
+                buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
+                while not buffer.startswith(b"\r\n"):   # trailers: counted as body, same deadline
+                    line, _, buffer = buffer.partition(b"\r\n")
+                    total += len(line) + 2
+                    if total > self.server.limits.max_body:
+                        raise HttpError(413, "request body too large")
+                    buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
                 return buffer[2:]
-            buffer = self.read_until(buffer, lambda data: len(data) >= size + 2)
+            buffer = self.read_until(buffer, lambda data: len(data) >= size + 2, deadline)
             buffer = buffer[size + 2:]
 
-    def read_until(self, buffer: bytes, complete) -> bytes:
+    def read_until(self, buffer: bytes, complete, deadline: float) -> bytes:
         limits = self.server.limits
-        deadline = time.monotonic() + limits.request_timeout
         while not complete(buffer):
             if len(buffer) > limits.max_body + 4096:
                 raise HttpError(413, "request body too large")
@@ -2086,10 +2171,16 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
 
 
 class MetadataProxyServer(ThreadingHTTPServer):
-    """The listening socket: a thread per connection, capped per source address and in total."""
+    """The listening socket: a thread per connection, capped per source address and in total.
+
+    A thread whose connection has ended waits a while for the next one instead of exiting,
+    so a client that opens a connection per request (as most SDKs do) does not pay for
+    starting a thread each time.
+    """
 
     daemon_threads = True
     request_queue_size = 1024
+    worker_idle = 10.0   # seconds a connection thread waits for the next connection
 
     def __init__(self, address: Tuple[str, int], service: MetadataService, limits: Limits = Limits(),
                  handler=ImdsRequestHandler):
@@ -2108,6 +2199,8 @@ class MetadataProxyServer(ThreadingHTTPServer):
         self._idle: set = set()
         self._buckets: Dict[str, List[float]] = {}
         self._date = (0, "")
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._idle_workers = 0   # threads waiting for a connection, less connections handed to them
         super().__init__((host, port), handler)
 
     def server_bind(self):
@@ -2142,11 +2235,34 @@ class MetadataProxyServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             log.debug("refused a connection from %s: over the connection cap", source)
             return
+        with self._lock:
+            if self._idle_workers:
+                self._idle_workers -= 1
+                self._jobs.put((request, client_address))
+                return
         try:
-            super().process_request(request, client_address)
+            threading.Thread(target=self._worker, args=((request, client_address),), daemon=True).start()
         except RuntimeError:   # no thread could be started
             self._release(source)
             self.shutdown_request(request)
+
+    def _worker(self, job) -> None:
+        while job is not None:
+            self.process_request_thread(*job)
+            job = self._next_job()
+
+    def _next_job(self):
+        """The next connection for this thread, or None when it has waited long enough."""
+        with self._lock:
+            self._idle_workers += 1
+        try:
+            return self._jobs.get(timeout=self.worker_idle)
+        except queue.Empty:
+            with self._lock:
+                if not self._jobs.empty():
+                    return self._jobs.get_nowait()   # handed over as the wait ended
+                self._idle_workers -= 1
+                return None
 
     def process_request_thread(self, request, client_address):
         try:
@@ -2215,20 +2331,56 @@ class MetadataProxyServer(ThreadingHTTPServer):
 # A run of 32+ base64 characters mixing upper case, lower case and digits: the shape of a secret
 # key, a session token (between its slashes) or an IMDSv2 token, and not of a path, an ARN or a
 # hex container id.
-SECRET_LIKE = re.compile(r"(?=[A-Za-z0-9+=_-]*[A-Z])(?=[A-Za-z0-9+=_-]*[a-z])(?=[A-Za-z0-9+=_-]*[0-9])"
-                         r"[A-Za-z0-9+=_-]{32,}")
+SECRET_CANDIDATE = re.compile(r"[A-Za-z0-9+=_-]{32,}")
+
+
+def redact(text: str) -> str:
+    def blank(match):
+        run = match.group()
+        mixed = (any(c.isupper() for c in run) and any(c.islower() for c in run)
+                 and any(c.isdigit() for c in run))
+        return "[redacted]" if mixed else run
+    return SECRET_CANDIDATE.sub(blank, text)
 
 
 class RedactingFormatter(logging.Formatter):
     """Blanks anything shaped like a secret key, session token or IMDSv2 token, whatever logged it."""
 
     def format(self, record):
-        return SECRET_LIKE.sub("[redacted]", super().format(record))
+        return redact(super().format(record))
 
 
-def configure_logging(verbose: bool, stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands formatted lines to the writer thread; drops them rather than make a request wait.
+
+    A log sink that stalls (a full pipe, a stuck journal) must not stall the proxy.
+    """
+
+    def __init__(self, capacity: int = 10000):
+        super().__init__(queue.Queue(capacity))
+        self.dropped = 0
+
+    def enqueue(self, record):
+        try:
+            if self.dropped and self.queue.qsize() < self.queue.maxsize // 2:
+                note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
+                                         "%d log lines were dropped: the log output was not keeping up",
+                                         (self.dropped,), None)
+                self.queue.put_nowait(self.prepare(note))
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def configure_logging(verbose: bool, stream=None) -> logging.handlers.QueueListener:
+    """Log lines go, redacted, through a bounded queue to a writer thread; returns that writer."""
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    handler = DroppingQueueHandler()
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
+    listener = logging.handlers.QueueListener(handler.queue, writer)
+    listener.start()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -2236,6 +2388,7 @@ def configure_logging(verbose: bool, stream=None) -> None:
     # The SDK's debug output includes response bodies, credentials among them: never let it through.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return listener
 
 
 class StartupError(Exception):
@@ -2256,7 +2409,7 @@ class Proxy:
             os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
         self.sts = sts if sts is not None else StsClient(
             config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
-        self.credentials = CredentialCache(self.sts, background_rate=sts_rate)
+        self.credentials = CredentialCache(self.sts, background_rate=sts_rate, alive=self._alive)
         self.index = ContainerIndex(DockerClient(config.docker_socket), with_env=config.env_roles,
                                     on_added=self._added, on_removed=self._removed)
         if config.mock:
@@ -2265,7 +2418,8 @@ class Proxy:
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(),
-                                       self.upstream, wait_timeout=wait_timeout)
+                                       self.upstream, wait_timeout=wait_timeout,
+                                       require_tokens=config.require_tokens)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits)
         except OSError as exc:
@@ -2286,6 +2440,9 @@ class Proxy:
     @property
     def address(self) -> Tuple[str, int]:
         return self.server.server_address[:2]
+
+    def _alive(self, container_id: str) -> bool:
+        return container_id.startswith("static:") or self.index.get(container_id) is not None
 
     def _added(self, containers: List[Container]) -> None:
         for container in containers:
@@ -2325,6 +2482,8 @@ class Proxy:
         if not hasattr(self.sts, "credential_source"):
             return
         backoff = Backoff(self._stop, base=2.0, cap=60.0)
+        with contextlib.suppress(CredentialError):
+            self.sts.client()   # build it now, not on the first container's request
         while not self._stop.is_set():
             source = self.sts.credential_source()
             if source:
@@ -2373,7 +2532,6 @@ def main(argv=None) -> int:
     if args.check:
         print(f"ec2metaproxy: {args.config}: OK")
         return 0
-    configure_logging(config.verbose)
     try:
         proxy = Proxy(config)
     except StartupError as exc:
@@ -2382,6 +2540,7 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
         return 1
+    writer = configure_logging(config.verbose)
 
     def stop(signum, frame):
         log.info("received %s; shutting down", signal.Signals(signum).name)
@@ -2392,6 +2551,7 @@ def main(argv=None) -> int:
     proxy.start()
     proxy.serve_forever()
     proxy.stopped.wait(10)
+    writer.stop()
     return 0
 
 

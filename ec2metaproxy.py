@@ -16,12 +16,12 @@ Licence: MIT (see LICENSE).
 
 import argparse
 import base64
-import bisect
 import contextlib
 import dataclasses
 import difflib
 import fnmatch
 import hashlib
+import heapq
 import hmac
 import http.client
 import ipaddress
@@ -765,6 +765,9 @@ class ContainerIndex:
                 if dropped:
                     container = dataclasses.replace(container, networks={
                         name: ips for name, ips in container.networks.items() if name not in dropped})
+                previous = self._by_id.get(container.id)
+                if previous == container:
+                    container = previous   # unchanged: keep the object what was decided of it is keyed on
                 by_id[container.id] = container
             by_ip: Dict[str, Optional[Container]] = {}
             conflicts = set()
@@ -986,6 +989,7 @@ class RoleResolver:
     def __init__(self, config: Config):
         self._config = config
         self._memo: Dict[str, Tuple[Container, Optional[RoleSpec]]] = {}
+        self._static: Dict[str, Container] = {}   # source address -> its staticMappings stand-in
         self._arn_aliases = {options.arn: name for name, options in config.alias_to_arn.items()}
         self._partition = next(iter(config.alias_to_arn.values())).arn.split(":")[1]
         self._allowed = config.allowed_roles or tuple(self._arn_aliases)
@@ -1009,14 +1013,21 @@ class RoleResolver:
         """A stand-in container for an address listed in staticMappings."""
         if not self._config.static_mappings:
             return None
+        container = self._static.get(ip)
+        if container is not None:
+            return container
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return None
         for network, alias in self._config.static_mappings:
             if address.version == network.version and address in network:
-                return Container(id=f"static:{ip}", name=f"static-{ip}", image="",
-                                 labels={self._config.alias_label: alias}, networks={})
+                if len(self._static) >= 4096:
+                    self._static.clear()   # a wide range: keep memory bounded
+                container = self._static[ip] = Container(
+                    id=f"static:{ip}", name=f"static-{ip}", image="",
+                    labels={self._config.alias_label: alias}, networks={})
+                return container
         return None
 
     def _resolve(self, container: Container) -> Tuple[Optional[RoleSpec], str]:
@@ -1316,7 +1327,7 @@ class CredentialCache:
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
         self._by_container: Dict[str, set] = {}
         self._lock = threading.Lock()
-        self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # sorted background work
+        self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # a heap of background work
         self._due_changed = threading.Condition(self._lock)
         self._work: "queue.PriorityQueue" = queue.PriorityQueue()
         self._seq = 0
@@ -1401,7 +1412,7 @@ class CredentialCache:
 
     def _schedule_locked(self, key, when: float) -> None:
         self._seq += 1
-        bisect.insort(self._due, (when, self._seq, key))
+        heapq.heappush(self._due, (when, self._seq, key))
         self._due_changed.notify()
 
     def _fetch_locked(self, key, entry: _Entry, priority: int) -> None:
@@ -1425,7 +1436,7 @@ class CredentialCache:
                 if when > now:
                     self._due_changed.wait(min(when - now, 1.0))
                     continue
-                self._due.pop(0)
+                heapq.heappop(self._due)
                 entry = self._entries.get(key)
                 if entry is not None and not self._alive(key[0]):
                     # A request raced the container's death and brought its entry back.

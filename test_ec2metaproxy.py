@@ -882,6 +882,17 @@ class TestContainerIndex(DockerTestCase):
         self.assertIsNone(self.index.lookup("172.21.0.6"))
         self.assertEqual(self.index.lookup("172.17.0.6").id, cid)
 
+    def test_a_listing_keeps_unchanged_containers_as_they_were(self):
+        self.docker.add_container("steady", ["172.17.0.41"], labels={"a": "1"}, emit=False)
+        self.index.sync_once()
+        before = self.index.lookup("172.17.0.41")
+        self.index.sync_once()
+        self.assertIs(self.index.lookup("172.17.0.41"), before)
+        cid = before.id
+        self.docker.containers[cid]["summary"]["Labels"]["a"] = "2"
+        self.index.sync_once()
+        self.assertEqual(self.index.lookup("172.17.0.41").labels, {"a": "2"})
+
     def test_two_containers_claiming_one_address_get_neither(self):
         self.docker.add_container("a", ["172.17.0.7"], emit=False)
         self.docker.add_container("b", ["172.17.0.7"], emit=False)

@@ -1743,6 +1743,9 @@ class TestRequireTokens(ProxyTestCase):
                                          headers={"X-aws-ec2-metadata-token": token})[2], "web-role")
 
 
+#####################################################################
+# HTTP server #######################################################
+
 class TestHttpServer(ProxyTestCase):
     """HTTP/1.1 done right, and bad requests answered the way IMDS would."""
 
@@ -1821,6 +1824,10 @@ class TestHttpServer(ProxyTestCase):
                              b"GET /latest/meta-data/iam/ HTTP/1.1\r\nConnection: close\r\n\r\n", "127.0.0.2")
         self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 3, answer)
 
+
+#####################################################################
+# Resilience ########################################################
+# Across the sections: dependencies failing, hostile clients, churn.
 
 class TestOutages(ProxyTestCase):
     """Dependencies failing: STS, Docker and the host IMDS; the proxy keeps serving and fails closed."""

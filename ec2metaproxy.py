@@ -466,7 +466,7 @@ class DockerClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def _get(self, path: str, timeout: Optional[float]):
+    def _get(self, path: str, timeout: float):
         conn = UnixHTTPConnection(self.socket_path, timeout)
         try:
             conn.request("GET", path, headers={"Host": "docker"})
@@ -502,8 +502,11 @@ class DockerClient:
         DockerError when it breaks.
         """
         filters = urllib.parse.quote(json.dumps({"type": ["container", "network"]}))
-        # No read timeout: the stream is idle for as long as nothing happens.
-        conn, response = self._get(f"/events?filters={filters}", None)
+        # The answer's head comes within the usual time-out (a daemon going away mid-request
+        # must not hold the subscription forever); after it, no read time-out: the stream is
+        # idle for as long as nothing happens.
+        conn, response = self._get(f"/events?filters={filters}", self.timeout)
+        conn.sock.settimeout(None)
         return self._iter_events(conn, response)
 
     @staticmethod
@@ -1915,13 +1918,9 @@ class MockUpstream:
 
     def __init__(self, mock: MockMetadata):
         self._mock = mock
-        self.reachable = True
 
     def fetch(self, method: str, path: str):
         return self._mock.answer(path)
-
-    def probe(self) -> bool:
-        return True
 
 
 #####################################################################

@@ -99,6 +99,27 @@ class Backoff:
         return not self._stop.wait(self.next_delay())
 
 
+class TokenBucket:
+    """A rate with a burst. Not locked: its owner calls it under its own lock."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]):
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._then = clock()
+
+    def take(self) -> float:
+        """Spend a token and return 0, or return the seconds until there is one (spending nothing)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._then) * self._rate)
+        self._then = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self._rate
+
+
 #####################################################################
 # Config ############################################################
 # Owns the JSON file: parsing, validation with an error naming the key,
@@ -111,6 +132,8 @@ ROLE_ARN = re.compile(
 SESSION_NAME_CHARS = re.compile(r"[^\w+=,.@-]")
 PLACEHOLDER = re.compile(r"\{(name|id|image|label:[^{}]+|env:[^{}]+)\}")
 ACCOUNT_ID = re.compile(r"^\d{12}$")
+# Seconds: STS's own default session length, and one every role allows (MaxSessionDuration >= 1 hour).
+STS_DEFAULT_DURATION = 3600
 
 
 class ConfigError(Exception):
@@ -153,7 +176,7 @@ class Config:
     metadata_url: str = "http://169.254.169.254"
     sts_region: Optional[str] = None
     sts_endpoint: Optional[str] = None
-    session_duration: int = 3600
+    session_duration: int = STS_DEFAULT_DURATION
     verbose: bool = False
     env_roles: bool = False
     allowed_roles: Tuple[str, ...] = ()
@@ -434,8 +457,8 @@ def load_config(path: str) -> Config:
 
 #####################################################################
 # Docker ############################################################
-# Owns the Engine API client over AF_UNIX and the ContainerIndex: source IP
-# -> container, built at start and kept current from the /events stream.
+# Owns the Engine API client over AF_UNIX, the ContainerIndex (source IP ->
+# container) and the DockerWatcher that keeps it current from listings and /events.
 
 class DockerError(Exception):
     """The Docker daemon could not be reached or gave an unusable answer."""
@@ -533,7 +556,7 @@ class DockerClient:
 
 @dataclasses.dataclass(frozen=True)
 class Container:
-    """What the proxy knows of one running container."""
+    """What the proxy knows of one running container (or of an address in staticMappings)."""
 
     id: str
     name: str
@@ -541,6 +564,7 @@ class Container:
     labels: Mapping[str, str]
     networks: Mapping[str, Tuple[str, ...]]
     env: Optional[Mapping[str, str]] = None
+    static_alias: Optional[str] = None   # set on a staticMappings stand-in: the alias its address maps to
 
     @property
     def short_id(self) -> str:
@@ -573,6 +597,11 @@ class Container:
             env=env,
         )
 
+    @classmethod
+    def static(cls, ip: str, alias: str) -> "Container":
+        """The stand-in for an address staticMappings maps to an alias."""
+        return cls(id=f"static-{ip}", name=f"static-{ip}", image="", labels={}, networks={}, static_alias=alias)
+
 
 def parse_env(entries) -> Dict[str, str]:
     """Docker's ["KEY=value", ...] as a dict."""
@@ -584,45 +613,32 @@ def parse_env(entries) -> Dict[str, str]:
 
 
 class ContainerIndex:
-    """Source IP -> container, built from a full listing and kept current from Docker events.
+    """Source IP -> container: what Docker last reported, plain maps behind one lock, with tombstones.
 
-    One worker thread makes every listing call, so bursts of events and of
-    unknown callers coalesce into one call; another follows the event stream.
+    A removal leaves a tombstone so that a listing begun before it cannot bring the
+    container back. It makes no Docker call: DockerWatcher keeps it current.
     """
 
-    RELIST_AFTER = 0.05   # an unknown caller's second look, for a container Docker lists late
-    FULL_LISTING_EVERY = 60.0   # a listing even without events, should one have been lost
+    STATIC_REMEMBERED = 4096   # staticMappings stand-ins kept; a wide range must not grow memory
 
-    def __init__(self, docker: DockerClient, with_env: bool = False,
-                 on_added: Callable[[List[Container]], None] = lambda added: None,
-                 on_removed: Callable[[List[str]], None] = lambda removed: None,
-                 unknown_rate: float = 4.0, unknown_burst: float = 4.0,
+    def __init__(self, static_mappings: Tuple[Tuple[object, str], ...] = (),
                  clock: Callable[[], float] = time.monotonic):
-        self._docker = docker
-        self._with_env = with_env
-        self._on_added = on_added
-        self._on_removed = on_removed
-        self._unknown_rate = unknown_rate
-        self._unknown_burst = unknown_burst
+        self._static_mappings = static_mappings
         self._clock = clock
-        self._by_ip: Dict[str, Optional[Container]] = {}
-        self._by_id: Dict[str, Container] = {}
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._requested = 0   # listings asked for
-        self._started = 0     # listings begun
-        self._finished = 0    # listings completed (or failed)
+        # Reads take no lock: each map is replaced whole, or changed by single operations, under it.
+        self._by_ip: Dict[str, Optional[Container]] = {}   # None: claimed by two containers
+        self._by_id: Dict[str, Container] = {}
         self._tombstones: Dict[str, float] = {}   # container id or id/network -> time removed
-        self._urgent = False       # the pending listing was asked for by a Docker event
-        self._current_from: Optional[int] = None   # the first listing after subscribing to events
-        self._budget = (unknown_burst, clock())   # token bucket for listings unknown callers ask for
-        self._stop = threading.Event()
-        self.reachable: Optional[bool] = None
-
-    # Lookups (the request path)
+        self._static: Dict[str, Container] = {}
 
     def lookup(self, ip: str) -> Optional[Container]:
+        """The Docker container at ip, or None (unknown, or claimed by more than one)."""
         return self._by_ip.get(ip)
+
+    def knows(self, ip: str) -> bool:
+        """Whether Docker reported ip (a conflict counts: the address is Docker's)."""
+        return ip in self._by_ip
 
     def get(self, container_id: str) -> Optional[Container]:
         return self._by_id.get(container_id)
@@ -630,91 +646,90 @@ class ContainerIndex:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def lookup_or_resync(self, ip: str, timeout: float) -> Optional[Container]:
-        """Look ip up; if unknown, wait (bounded) until a listing or an event shows it.
+    def counts(self) -> Dict[str, int]:
+        """Sizes of what is held, for logs and tests: nothing here may grow without bound."""
+        return {"containers": len(self._by_id), "addresses": len(self._by_ip),
+                "tombstones": len(self._tombstones), "static": len(self._static)}
 
-        Closes the race of a container asking before Docker reports it: its process can send
-        traffic some milliseconds before its address shows in a listing (and its start event
-        comes after that). So the caller asks for one listing now and one a little later, and
-        waits for its address to show, from those or from the listing its start event brings.
-        Callers asking at the same moment share listings, and listings asked for this way
-        come out of a token bucket: callers that stay unknown cannot become a stream of calls.
-        """
-        container = self._by_ip.get(ip)
-        if container is not None or ip in self._by_ip:
+    def static(self, ip: str) -> Optional[Container]:
+        """The stand-in for ip if staticMappings covers it (most specific network first)."""
+        if not self._static_mappings:
+            return None
+        container = self._static.get(ip)
+        if container is not None:
             return container
-        deadline = self._clock() + timeout
-        with self._lock:
-            wanted = self._request_locked(urgent=False)
-            if self.reachable is False:
-                return None   # Docker is down: nobody new can show until it is back
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for network, alias in self._static_mappings:
+            if address.version == network.version and address in network:
+                container = Container.static(ip, alias)
+                with self._lock:
+                    if len(self._static) >= self.STATIC_REMEMBERED:
+                        self._static.clear()
+                    self._static[ip] = container
+                return container
+        return None
 
-            def known():
-                # Also give up once a listing has failed: Docker is down and nothing will show.
-                return (ip in self._by_ip or self._stop.is_set()
-                        or (self._finished >= wanted and self.reachable is False))
-            if not self._changed.wait_for(known, min(self.RELIST_AFTER, max(0.0, deadline - self._clock()))):
-                self._request_locked(urgent=False)
-                self._changed.wait_for(known, max(0.0, deadline - self._clock()))
-        return self._by_ip.get(ip)
+    def env_of(self, container_id: str) -> Optional[Mapping[str, str]]:
+        """The env already read for a container, so that a listing inspects only new ones."""
+        container = self._by_id.get(container_id)
+        return container.env if container is not None else None
 
-    def is_current(self) -> bool:
-        """Whether the index follows Docker's events (subscribed, and listed since)."""
-        ticket = self._current_from
-        return ticket is not None and self._finished >= ticket
+    def install(self, listing: List[Container], began: float) -> Tuple[List[Container], List[str]]:
+        """Replace the index with a listing begun at `began`, keeping later removals.
 
-    def lookup_listed(self, ip: str, timeout: float) -> Optional[Container]:
-        """Look ip up after a listing begun now (bounded): for when events may have been missed.
-
-        If Docker cannot answer, the known entry is returned: containers already known
-        keep being served while the daemon is away.
+        Returns the containers added and the ids removed.
         """
         with self._lock:
-            wanted = self._request_locked()
-            self._changed.wait_for(lambda: self._finished >= wanted or self._stop.is_set(), timeout)
-        return self._by_ip.get(ip)
+            by_id = {}
+            for container in listing:
+                if self._removed_after(container.id, began):
+                    continue   # died while the listing was in flight
+                dropped = [net for net in container.networks if self._removed_after(f"{container.id}/{net}", began)]
+                if dropped:
+                    container = dataclasses.replace(container, networks={
+                        name: ips for name, ips in container.networks.items() if name not in dropped})
+                previous = self._by_id.get(container.id)
+                if previous == container:
+                    container = previous   # unchanged: keep the object what was decided of it is keyed on
+                by_id[container.id] = container
+            by_ip: Dict[str, Optional[Container]] = {}
+            conflicts = set()
+            for container in by_id.values():
+                for ip in container.ips:
+                    if ip in by_ip and by_ip[ip] is not container:
+                        conflicts.add(ip)
+                    by_ip[ip] = container
+            for ip in conflicts:
+                by_ip[ip] = None   # two containers claim one address: answer neither rather than guess
+            added = [c for cid, c in by_id.items() if cid not in self._by_id]
+            removed = [cid for cid in self._by_id if cid not in by_id]
+            self._by_id, self._by_ip = by_id, by_ip
+            self._tombstones = {key: when for key, when in self._tombstones.items() if when > began}
+        for ip in conflicts:
+            log.warning("address %s is claimed by more than one container; it gets no credentials", ip)
+        return added, removed
 
-    # Changes
+    def _removed_after(self, key: str, began: float) -> bool:
+        when = self._tombstones.get(key)
+        return when is not None and when > began
 
-    def request_resync(self) -> int:
-        with self._lock:
-            return self._request_locked()
+    def remove(self, container_id: str) -> bool:
+        """Forget a container now (its die event): its addresses may be reused at once.
 
-    def _request_locked(self, urgent: bool = True) -> int:
-        # A listing that has not begun yet will see this change; otherwise ask for the next one.
-        if self._requested <= self._started:
-            self._requested = self._started + 1
-            self._urgent = urgent
-        elif urgent:
-            self._urgent = True   # a Docker event: list now, whoever asked before
-        self._changed.notify_all()
-        return self._requested
-
-    def _budget_wait_locked(self) -> float:
-        """Seconds until the unknown-caller bucket holds a listing (0: take it now)."""
-        tokens, then = self._budget
-        now = self._clock()
-        tokens = min(self._unknown_burst, tokens + (now - then) * self._unknown_rate)
-        self._budget = (tokens, now)
-        return 0.0 if tokens >= 1 else (1 - tokens) / self._unknown_rate
-
-    def wait_synced(self, timeout: float) -> bool:
-        """Wait until the listing asked for so far has completed."""
-        with self._lock:
-            wanted = self._requested
-            return self._changed.wait_for(lambda: self._finished >= wanted, timeout)
-
-    def remove(self, container_id: str) -> None:
-        """Forget a container now (its die event): its IPs may be reused at once."""
+        Returns whether it was known.
+        """
         with self._lock:
             self._tombstones[container_id] = self._clock()
             container = self._by_id.pop(container_id, None)
             if container is None:
-                return
+                return False
             for ip in container.ips:
                 if self._by_ip.get(ip) is container:
                     del self._by_ip[ip]
-        self._on_removed([container_id])
+        return True
 
     def disconnect(self, container_id: str, network: str) -> None:
         """Drop a container's addresses on one network (its disconnect event)."""
@@ -732,78 +747,215 @@ class ContainerIndex:
             for ip in replacement.ips:
                 self._by_ip[ip] = replacement
 
+    def revive(self, key: str) -> None:
+        """A start or connect event: the next listing may show the container (or network) again."""
+        with self._lock:
+            self._tombstones.pop(key, None)
+
+
+class Why:
+    """Why a listing is wanted; only an event skips the listing budget and the failure backoff."""
+
+    EVENT = "a Docker event"
+    UNKNOWN_CALLER = "an unknown caller"
+    EVENTS_NOT_FOLLOWED = "events not followed"
+    PERIODIC = "the periodic listing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """How the request path found a caller: the container (or stand-in, or None) and whether
+    Docker's answer is current (events followed, or a listing completed while it waited)."""
+
+    container: Optional[Container]
+    fresh: bool
+
+
+class DockerWatcher:
+    """Keeps a ContainerIndex current: follows Docker's events and makes every listing call.
+
+    One worker thread makes the listings, so bursts of events and of callers coalesce
+    into one call; each listing not asked for by an event takes a token from one shared
+    budget and, after a failure, waits out the backoff: while Docker is unhealthy its calls
+    stay at a small fixed rate however many requests arrive.
+    """
+
+    RELIST_AFTER = 0.05   # an unknown caller's second look, for a container Docker lists late
+    FULL_LISTING_EVERY = 60.0   # a listing even without events, should one have been lost
+    LISTING_RATE = 4.0    # listings a second not asked for by an event, sustained...
+    LISTING_BURST = 4.0   # ...and at once
+    RETRY_BASE = 0.25     # after a failed listing, the next non-event one waits 0.25 s, doubling...
+    RETRY_CAP = 1.0       # ...to 1 s: a recovered daemon is seen again within a second
+    RESUBSCRIBE_CAP = 5.0   # the longest wait between attempts to follow the event stream
+
+    def __init__(self, docker: DockerClient, index: ContainerIndex, with_env: bool = False,
+                 on_change: Callable[[List[Container], List[str]], None] = lambda added, removed: None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._docker = docker
+        self._index = index
+        self._with_env = with_env
+        self._on_change = on_change
+        self._clock = clock
+        self._budget = TokenBucket(self.LISTING_RATE, self.LISTING_BURST, clock)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._requested = 0   # listings asked for
+        self._started = 0     # listings begun
+        self._finished = 0    # listings completed (or failed)
+        self._event_waiting = False   # the pending listing was asked for by an event
+        self._retry_at = 0.0  # after a failed listing, when the next non-event one may begin
+        self._following_from: Optional[int] = None   # the first listing after subscribing to events
+        self._stop = threading.Event()
+        self.reachable: Optional[bool] = None
+
+    # The request path
+
+    def find(self, ip: str, current: bool, timeout: float) -> Found:
+        """The one way to find a caller: Docker's answer first, then staticMappings.
+
+        Without `current` (a request that only needs a name) it is a lookup. With it (a
+        credential or token request): while events are not followed, a known address waits
+        (bounded) for a listing begun now; an unknown address waits (bounded) for Docker to
+        list it. A static mapping applies only to an address Docker does not know once that
+        wait is over.
+        """
+        index = self._index
+        following = self.following()
+        if index.knows(ip) and (following or not current):
+            return Found(index.lookup(ip), following)
+        if not current:
+            return Found(index.static(ip), following)
+        deadline = self._clock() + timeout
+        with self._lock:
+            if index.knows(ip):
+                if self.reachable is False and self._retry_at > self._clock():
+                    return Found(index.lookup(ip), False)   # Docker is failing: serve what is known, at once
+                fresh = self._wait_listing_locked(self._ask_locked(Why.EVENTS_NOT_FOLLOWED), deadline)
+                if index.knows(ip):
+                    return Found(index.lookup(ip), fresh)
+            else:
+                fresh = self._wait_unknown_locked(ip, deadline)
+        return Found(index.lookup(ip) if index.knows(ip) else index.static(ip), fresh)
+
+    def _wait_listing_locked(self, ticket: int, deadline: float) -> bool:
+        return self._changed.wait_for(lambda: self._finished >= ticket or self._stop.is_set(),
+                                      max(0.0, deadline - self._clock())) and self._finished >= ticket
+
+    def _wait_unknown_locked(self, ip: str, deadline: float) -> bool:
+        """Closes the race of a container asking before Docker lists it.
+
+        Its process can send traffic some milliseconds before its address shows in a listing
+        (and its start event comes after that): ask for one listing now and one a little
+        later, and wait for the address to show, from those or from its start event's listing.
+        """
+        wanted = self._ask_locked(Why.UNKNOWN_CALLER)
+        if self.reachable is False:
+            return False   # Docker is down: nobody new can show until it is back
+
+        def known():
+            # Also give up once a listing has failed: Docker is down and nothing will show.
+            return (self._index.knows(ip) or self._stop.is_set()
+                    or (self._finished >= wanted and self.reachable is False))
+        if not self._changed.wait_for(known, min(self.RELIST_AFTER, max(0.0, deadline - self._clock()))):
+            self._ask_locked(Why.UNKNOWN_CALLER)
+            self._changed.wait_for(known, max(0.0, deadline - self._clock()))
+        return self._finished >= wanted and self.reachable is not False
+
+    def following(self) -> bool:
+        """Whether the index follows Docker's events (subscribed, and listed since)."""
+        ticket = self._following_from
+        return ticket is not None and self._finished >= ticket
+
+    # Asking for listings
+
+    def ask(self, why: str) -> int:
+        """Ask for a listing; returns its ticket (wait_synced waits for it)."""
+        with self._lock:
+            return self._ask_locked(why)
+
+    def _ask_locked(self, why: str) -> int:
+        # A listing that has not begun yet will see this change; otherwise ask for the next one.
+        if self._requested <= self._started:
+            self._requested = self._started + 1
+        if why == Why.EVENT:
+            self._event_waiting = True
+        self._changed.notify_all()
+        return self._requested
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until the listing asked for so far has completed."""
+        with self._lock:
+            wanted = self._requested
+            return self._changed.wait_for(lambda: self._finished >= wanted, timeout)
+
+    def _delay_locked(self) -> float:
+        """Seconds before the pending listing may begin (0: now, having taken from the budget)."""
+        if self._event_waiting:
+            return 0.0
+        delay = self._retry_at - self._clock()
+        return delay if delay > 0 else self._budget.take()
+
+    # Events
+
     def handle_event(self, event: dict) -> None:
         kind = event.get("Type") or ("container" if "status" in event else "")
         action = event.get("Action") or event.get("status") or ""
         actor = event.get("Actor") or {}
         if kind == "undecodable":
-            self.request_resync()
+            self.ask(Why.EVENT)   # a lost event may be a lost die
         elif kind == "container":
             container_id = actor.get("ID") or event.get("id") or ""
             if action in ("die", "destroy"):
-                self.remove(container_id)
+                if self._index.remove(container_id):
+                    self._on_change([], [container_id])
             elif action in ("start", "restart", "unpause", "rename", "update"):
-                with self._lock:
-                    self._tombstones.pop(container_id, None)
-                    self._request_locked()
+                self._index.revive(container_id)
+                self.ask(Why.EVENT)
         elif kind == "network":
-            container_id = (actor.get("Attributes") or {}).get("container", "")
-            network = (actor.get("Attributes") or {}).get("name", "")
+            attributes = actor.get("Attributes") or {}
+            container_id, network = attributes.get("container", ""), attributes.get("name", "")
             if action == "disconnect" and container_id:
-                self.disconnect(container_id, network)
+                self._index.disconnect(container_id, network)
             elif action == "connect" and container_id:
-                with self._lock:
-                    self._tombstones.pop(f"{container_id}/{network}", None)
-                    self._request_locked()
+                self._index.revive(f"{container_id}/{network}")
+                self.ask(Why.EVENT)
 
-    def _install(self, listing: List[Container], began: float) -> None:
-        """Replace the index with a listing begun at `began`, keeping later removals."""
+    # Listings
+
+    def sync_once(self) -> bool:
+        """Make one listing now (start-up); return whether Docker answered."""
         with self._lock:
-            by_id = {}
-            for container in listing:
-                if self._tombstones.get(container.id, -1e18) > began:
-                    continue   # died while the listing was in flight
-                dropped = [net for net in container.networks
-                           if self._tombstones.get(f"{container.id}/{net}", -1e18) > began]
-                if dropped:
-                    container = dataclasses.replace(container, networks={
-                        name: ips for name, ips in container.networks.items() if name not in dropped})
-                previous = self._by_id.get(container.id)
-                if previous == container:
-                    container = previous   # unchanged: keep the object what was decided of it is keyed on
-                by_id[container.id] = container
-            by_ip: Dict[str, Optional[Container]] = {}
-            conflicts = set()
-            for container in by_id.values():
-                for ip in container.ips:
-                    if ip in by_ip and by_ip[ip] is not container:
-                        conflicts.add(ip)
-                    by_ip[ip] = container
-            for ip in conflicts:
-                # Two containers claim one address: answer neither rather than guess.
-                by_ip[ip] = None
-            added = [c for cid, c in by_id.items() if cid not in self._by_id]
-            removed = [cid for cid in self._by_id if cid not in by_id]
-            self._by_id, self._by_ip = by_id, by_ip
-            self._tombstones = {key: when for key, when in self._tombstones.items() if when > began}
-        for ip in conflicts:
-            log.warning("address %s is claimed by more than one container; it gets no credentials", ip)
-        if removed:
-            self._on_removed(removed)
-        if added:
-            self._on_added(added)
+            self._requested = max(self._requested, self._started + 1)
+        return self._list_once()
+
+    def _list_once(self) -> bool:
+        began = self._clock()
+        with self._lock:
+            self._started += 1
+            ticket = self._started
+        try:
+            listing = self._list()
+        except DockerError as exc:
+            ok = False
+            self._set_reachable(False, str(exc))
+        else:
+            ok = True
+            added, removed = self._index.install(listing, began)
+            if added or removed:
+                self._on_change(added, removed)
+            self._set_reachable(True)
+        with self._lock:
+            self._finished = max(self._finished, ticket)
+            self._changed.notify_all()
+        return ok
 
     def _list(self) -> List[Container]:
-        items = self._docker.list_containers()
-        known = self._by_id
         containers = []
-        for item in items:
+        for item in self._docker.list_containers():
             env = None
             if self._with_env:
-                previous = known.get(item.get("Id"))
-                if previous is not None and previous.env is not None:
-                    env = previous.env
-                else:
+                env = self._index.env_of(item.get("Id"))
+                if env is None:
                     try:
                         env = parse_env((self._docker.inspect(item["Id"]).get("Config") or {}).get("Env"))
                     except DockerError as exc:
@@ -817,69 +969,41 @@ class ContainerIndex:
 
     def _set_reachable(self, reachable: bool, error: str = "") -> None:
         if reachable and self.reachable is not True:
-            log.info("Docker is reachable at %s: %d running containers", self._docker.socket_path, len(self))
+            log.info("Docker is reachable at %s: %d running containers", self._docker.socket_path, len(self._index))
         elif not reachable and self.reachable is not False:
             log.warning("Docker is not reachable at %s yet (%s); serving known containers and retrying",
                         self._docker.socket_path, error)
         self.reachable = reachable
 
-    def sync_once(self) -> bool:
-        """Make one listing now (start-up); return whether Docker answered."""
-        with self._lock:
-            self._requested = max(self._requested, self._started + 1)
-        return self._resync_step()
-
-    def _resync_step(self) -> bool:
-        began = self._clock()
-        with self._lock:
-            self._started += 1
-            ticket = self._started
-        try:
-            listing = self._list()
-        except DockerError as exc:
-            ok = False
-            self._set_reachable(False, str(exc))
-        else:
-            ok = True
-            self._install(listing, began)
-            self._set_reachable(True)
-        with self._lock:
-            self._finished = max(self._finished, ticket)
-            self._changed.notify_all()
-        return ok
-
-    def _resync_loop(self) -> None:
-        backoff = Backoff(self._stop, cap=5.0)
+    def _listing_loop(self) -> None:
+        backoff = Backoff(self._stop, base=self.RETRY_BASE, cap=self.RETRY_CAP)
         while not self._stop.is_set():
             with self._lock:
                 if not self._changed.wait_for(lambda: self._requested > self._started or self._stop.is_set(),
                                               self.FULL_LISTING_EVERY):
-                    self._request_locked()
-                while not self._stop.is_set() and not self._urgent:
-                    delay = self._budget_wait_locked()
-                    if delay <= 0:
-                        tokens, now = self._budget
-                        self._budget = (tokens - 1, now)
-                        break
-                    self._changed.wait(delay)
-                self._urgent = False
+                    self._ask_locked(Why.PERIODIC)
+                delay = self._delay_locked()
+                while delay > 0 and not self._stop.is_set():
+                    self._changed.wait(delay)   # an event's ask wakes it early
+                    delay = self._delay_locked()
+                self._event_waiting = False
                 if self._stop.is_set():
                     return
-            if self._resync_step():
-                backoff.reset()
-                continue
-            # Docker failed: back off, unless a Docker event says it is back.
-            delay = backoff.next_delay()
+            ok = self._list_once()
             with self._lock:
-                self._changed.wait_for(lambda: self._urgent or self._stop.is_set(), delay)
+                if ok:
+                    backoff.reset()
+                    self._retry_at = 0.0
+                else:
+                    self._retry_at = self._clock() + backoff.next_delay()
 
     def _event_loop(self) -> None:
-        backoff = Backoff(self._stop, cap=5.0)
+        backoff = Backoff(self._stop, cap=self.RESUBSCRIBE_CAP)
         while not self._stop.is_set():
             try:
                 stream = self._docker.events()
                 # Subscribed: a listing now misses nothing that happened while we were away.
-                self._current_from = self.request_resync()
+                self._following_from = self.ask(Why.EVENT)
                 backoff.reset()
                 for event in stream:
                     self.handle_event(event)
@@ -888,7 +1012,7 @@ class ContainerIndex:
                 error = "the event stream ended"
             except DockerError as exc:
                 error = str(exc)
-            self._current_from = None   # events may be missed from now on
+            self._following_from = None   # events may be missed from now on
             if self._stop.is_set():
                 return
             self._set_reachable(False, error)
@@ -896,7 +1020,7 @@ class ContainerIndex:
                 return
 
     def start(self) -> None:
-        for target, name in ((self._resync_loop, "docker-resync"), (self._event_loop, "docker-events")):
+        for target, name in ((self._listing_loop, "docker-listings"), (self._event_loop, "docker-events")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
@@ -926,7 +1050,7 @@ class RoleSpec:
     policy_arns: Tuple[str, ...] = ()
     tags: Tuple[Tuple[str, str], ...] = ()
     source_identity: Optional[str] = None
-    duration: int = 3600
+    duration: int = STS_DEFAULT_DURATION
 
     @property
     def role_name(self) -> str:
@@ -992,7 +1116,7 @@ class RoleResolver:
     def __init__(self, config: Config):
         self._config = config
         self._memo: Dict[str, Tuple[Container, Optional[RoleSpec]]] = {}
-        self._static: Dict[str, Container] = {}   # source address -> its staticMappings stand-in
+        self._memo_lock = threading.Lock()   # requests, listings and events all decide and forget
         self._arn_aliases = {options.arn: name for name, options in config.alias_to_arn.items()}
         self._partition = next(iter(config.alias_to_arn.values())).arn.split(":")[1]
         self._allowed = config.allowed_roles or tuple(self._arn_aliases)
@@ -1003,40 +1127,28 @@ class RoleResolver:
         if memo is not None and memo[0] is container:
             return memo[1]
         spec, reason = self._resolve(container)
+        with self._memo_lock:
+            memo = self._memo.get(container.id)
+            if memo is not None and memo[0] is container:
+                return memo[1]   # another thread decided first: one decision, one warning
+            self._memo[container.id] = (container, spec)
         if spec is None and reason:
             log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
-        self._memo[container.id] = (container, spec)
         return spec
 
     def forget(self, container_ids) -> None:
-        for container_id in container_ids:
-            self._memo.pop(container_id, None)
+        with self._memo_lock:
+            for container_id in container_ids:
+                self._memo.pop(container_id, None)
 
-    def static_container(self, ip: str) -> Optional[Container]:
-        """A stand-in container for an address listed in staticMappings."""
-        if not self._config.static_mappings:
-            return None
-        container = self._static.get(ip)
-        if container is not None:
-            return container
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        for network, alias in self._config.static_mappings:
-            if address.version == network.version and address in network:
-                if len(self._static) >= 4096:
-                    self._static.clear()   # a wide range: keep memory bounded
-                container = self._static[ip] = Container(
-                    id=f"static:{ip}", name=f"static-{ip}", image="",
-                    labels={self._config.alias_label: alias}, networks={})
-                return container
-        return None
+    def __len__(self) -> int:
+        """How many decisions are remembered (one per live container)."""
+        return len(self._memo)
 
     def _resolve(self, container: Container) -> Tuple[Optional[RoleSpec], str]:
         config = self._config
         env = container.env or {}
-        alias = container.labels.get(config.alias_label)
+        alias = container.static_alias or container.labels.get(config.alias_label)
         external_id = None
         container_policy = container.labels.get(config.policy_label)
         policy_source = f"label {config.policy_label}"
@@ -1121,8 +1233,8 @@ class RoleResolver:
 
 #####################################################################
 # Credentials #######################################################
-# Owns STS AssumeRole (bounded in time and attempts) and the cache: fetched
-# when a container starts, refreshed in the background well before expiry.
+# Owns STS AssumeRole (bounded in time and attempts), the cache (fetched when a container
+# starts, refreshed well before expiry) and the reaction to containers starting and stopping.
 
 class CredentialError(Exception):
     """STS could not provide credentials; code is STS's error code or the proxy's reason."""
@@ -1170,9 +1282,11 @@ NON_RETRYABLE = {"AccessDenied", "ValidationError", "MalformedPolicyDocument", "
 class StsClient:
     """AssumeRole through boto3, each call bounded in time and made once (the cache retries)."""
 
+    CLIENT_BUILD_WAIT = 30.0   # seconds a worker waits for another to build the client (~0.5 s)
+
     def __init__(self, region: Optional[str] = None, endpoint: Optional[str] = None,
                  metadata_url: Optional[str] = None, connect_timeout: float = 1.0,
-                 read_timeout: float = 3.0):
+                 read_timeout: float = 3.0, clock: Callable[[], float] = time.time):
         import boto3
         import botocore.config
         import botocore.exceptions
@@ -1186,11 +1300,13 @@ class StsClient:
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
         self._new_session = botocore.session.Session
+        self._clock = clock
         self._client = None
         # Building a client costs ~0.5 s and ~9 MB and may ask the metadata service for the
-        # proxy's own credentials: one STS worker builds it while the others wait (no request
-        # thread ever waits here).
+        # proxy's own credentials: one STS worker builds it while the others wait on an event,
+        # the lock held only to choose the builder (no request thread ever waits here).
         self._client_lock = threading.Lock()
+        self._client_built: Optional[threading.Event] = None   # set when the build under way ends
         self._short_roles: Dict[str, bool] = {}
 
     def _session(self):
@@ -1218,15 +1334,17 @@ class StsClient:
 
     def assume_role(self, spec: RoleSpec) -> Credentials:
         """One AssumeRole call for spec; raise CredentialError with STS's code on failure."""
-        duration = 3600 if self._short_roles.get(spec.arn) else spec.duration
+        duration = STS_DEFAULT_DURATION if self._short_roles.get(spec.arn) else spec.duration
         try:
             return self._assume(spec, duration)
         except CredentialError as exc:
-            if exc.code == "ValidationError" and "MaxSessionDuration" in exc.message and duration != 3600:
+            if (exc.code == "ValidationError" and "MaxSessionDuration" in exc.message
+                    and duration != STS_DEFAULT_DURATION):
                 if not self._short_roles.get(spec.arn):
-                    log.warning("role %s does not allow %d-second sessions; using 3600", spec.arn, duration)
+                    log.warning("role %s does not allow %d-second sessions; using %d",
+                                spec.arn, duration, STS_DEFAULT_DURATION)
                 self._short_roles[spec.arn] = True
-                return self._assume(spec, 3600)
+                return self._assume(spec, STS_DEFAULT_DURATION)
             raise
 
     def client(self):
@@ -1235,12 +1353,23 @@ class StsClient:
         if client is not None:
             return client
         with self._client_lock:
+            built, builder = self._client_built, self._client_built is None
+            if builder:
+                built = self._client_built = threading.Event()
+        if not builder:
+            built.wait(self.CLIENT_BUILD_WAIT)
             if self._client is None:
-                try:
-                    self._client = self._make_client()
-                except self._errors.BotoCoreError as exc:
-                    raise CredentialError("STSClientError", str(exc)) from None
+                raise CredentialError("STSClientError", "the STS client could not be built")
             return self._client
+        try:
+            self._client = self._make_client()
+        except self._errors.BotoCoreError as exc:
+            raise CredentialError("STSClientError", str(exc)) from None
+        finally:
+            with self._client_lock:
+                self._client_built = None
+            built.set()
+        return self._client
 
     def _assume(self, spec: RoleSpec, duration: int) -> Credentials:
         client = self.client()
@@ -1276,7 +1405,7 @@ class StsClient:
             # it a secret key: keep only the type.
             raise CredentialError("STSError", type(exc).__name__) from None
         try:
-            now = time.time()
+            now = self._clock()
             expiration = answer["Expiration"]
             expiration = expiration.timestamp() if hasattr(expiration, "timestamp") else float(expiration)
             return Credentials.issue(answer["AccessKeyId"], answer["SecretAccessKey"], answer["SessionToken"],
@@ -1306,6 +1435,7 @@ class _Entry:
     error: Optional[CredentialError] = None
     failures: int = 0
     retry_at: float = 0.0
+    orphan: bool = False   # made by a request that raced its container's removal: kept for that request only
 
 
 class CredentialCache:
@@ -1318,17 +1448,19 @@ class CredentialCache:
     """
 
     MIN_VALID = 60.0   # never hand out credentials with less than this left
+    GONE_REMEMBERED = 60.0   # seconds a removed container's id is remembered, against racing requests
+    # Work queue priorities: stopping first, then a fetch a request may wait for, then background work.
+    STOP, REQUESTED, BACKGROUND = -1, 0, 1
 
     def __init__(self, sts, workers: int = 6, background_rate: float = 25.0,
-                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0,
-                 alive: Callable[[str], bool] = lambda container_id: True):
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
         self._sts = sts
-        self._alive = alive
         self._clock = clock
         self._rate = background_rate
         self._retry_cap = retry_cap
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
         self._by_container: Dict[str, set] = {}
+        self._gone: Dict[str, float] = {}   # container id -> when it was dropped (oldest first)
         self._lock = threading.Lock()
         self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # a heap of background work
         self._due_changed = threading.Condition(self._lock)
@@ -1336,11 +1468,17 @@ class CredentialCache:
         self._seq = 0
         self._stop = threading.Event()
         self._workers = workers
-        self.sts_calls = 0
         self.reachable: Optional[bool] = None
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def counts(self) -> Dict[str, int]:
+        """Sizes of what is held, for logs and tests: nothing here may outlive its container for long."""
+        with self._lock:
+            return {"entries": len(self._entries), "containers": len(self._by_container),
+                    "fetched": sum(1 for entry in self._entries.values() if entry.creds is not None),
+                    "scheduled": len(self._due), "gone": len(self._gone)}
 
     def start(self) -> None:
         threading.Thread(target=self._release_loop, name="sts-pacer", daemon=True).start()
@@ -1352,7 +1490,7 @@ class CredentialCache:
         with self._lock:
             self._due_changed.notify_all()
         for _ in range(self._workers):
-            self._work.put((-1, 0, None))
+            self._work.put((self.STOP, 0, None))
 
     # The request path
 
@@ -1367,7 +1505,7 @@ class CredentialCache:
         if now >= entry.refresh_at and entry.done is None and now >= entry.retry_at:
             with self._lock:
                 if entry.done is None:
-                    self._fetch_locked((container_id, spec), entry, 0)
+                    self._fetch_locked((container_id, spec), entry, self.REQUESTED)
         return entry.creds
 
     def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
@@ -1381,13 +1519,13 @@ class CredentialCache:
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
-                self._fetch_locked(key, entry, 0)
+                self._fetch_locked(key, entry, self.REQUESTED)
             elif not entry.running:
-                self._enqueue(key, 0)   # released in the background but still queued: go first
+                self._enqueue(key, self.REQUESTED)   # released in the background but still queued: go first
             done = entry.done
         done.wait(timeout)
-        creds = self.cached(container_id, spec)
-        if creds is not None:
+        creds = entry.creds
+        if creds is not None and creds.expiration - self._clock() > self.MIN_VALID:
             return creds
         raise entry.error or CredentialError("STSTimeout", "STS did not answer in time")
 
@@ -1396,6 +1534,7 @@ class CredentialCache:
     def prefetch(self, container_id: str, label: str, spec: RoleSpec) -> None:
         """Fetch credentials for a new container in the background (paced)."""
         with self._lock:
+            self._gone.pop(container_id, None)   # a restart keeps the id
             entry = self._entry_locked((container_id, spec), label)
             if entry.creds is None and entry.done is None:
                 self._schedule_locked((container_id, spec), self._clock())
@@ -1405,13 +1544,25 @@ class CredentialCache:
         with self._lock:
             for key in self._by_container.pop(container_id, ()):
                 self._entries.pop(key, None)
+            now = self._clock()
+            self._gone.pop(container_id, None)
+            self._gone[container_id] = now
+            while self._gone and next(iter(self._gone.values())) < now - self.GONE_REMEMBERED:
+                del self._gone[next(iter(self._gone))]
 
     def _entry_locked(self, key, label: str) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(label)
+            entry = self._entries[key] = _Entry(label, orphan=key[0] in self._gone)
             self._by_container.setdefault(key[0], set()).add(key)
         return entry
+
+    def _forget_locked(self, key) -> None:
+        self._entries.pop(key, None)
+        keys = self._by_container.get(key[0], set())
+        keys.discard(key)
+        if not keys:
+            self._by_container.pop(key[0], None)
 
     def _schedule_locked(self, key, when: float) -> None:
         self._seq += 1
@@ -1441,17 +1592,10 @@ class CredentialCache:
                     continue
                 heapq.heappop(self._due)
                 entry = self._entries.get(key)
-                if entry is not None and not self._alive(key[0]):
-                    # A request raced the container's death and brought its entry back.
-                    self._entries.pop(key, None)
-                    self._by_container.get(key[0], set()).discard(key)
-                    if not self._by_container.get(key[0]):
-                        self._by_container.pop(key[0], None)
-                    entry = None
                 needed = (entry is not None and entry.done is None
                           and (entry.creds is None or now >= entry.refresh_at))
                 if needed:
-                    self._fetch_locked(key, entry, 1)
+                    self._fetch_locked(key, entry, self.BACKGROUND)
             if needed and self._stop.wait(interval):
                 return
 
@@ -1471,7 +1615,6 @@ class CredentialCache:
         container_id, spec = key
         creds = error = None
         try:
-            self.sts_calls += 1
             creds = self._sts.assume_role(spec)
         except CredentialError as exc:
             error = exc
@@ -1481,6 +1624,8 @@ class CredentialCache:
         now = self._clock()
         with self._lock:
             done, entry.done, entry.running = entry.done, None, False
+            if entry.orphan:
+                self._forget_locked(key)   # answer the request that made it; keep nothing
             current = self._entries.get(key) is entry
             if creds is not None:
                 lifetime = max(creds.expiration - now, 0.0)
@@ -1509,6 +1654,25 @@ class CredentialCache:
                     spec.arn, entry.label, entry.failures, error, entry.retry_at - now)
             if error.code in ("STSUnavailable", "NoHostCredentials", "STSClientError"):
                 self.reachable = False
+
+
+class ContainerLifecycle:
+    """Reacts to changes in the container index: decides a new container's role and prefetches its
+    credentials; forgets a gone container's credentials and role."""
+
+    def __init__(self, roles: RoleResolver, credentials: CredentialCache):
+        self._roles = roles
+        self._credentials = credentials
+
+    def changed(self, added: List[Container], removed: List[str]) -> None:
+        """Called by DockerWatcher, from its own threads, holding no lock."""
+        for container_id in removed:
+            self._credentials.drop_container(container_id)
+        self._roles.forget(removed)
+        for container in added:
+            spec = self._roles.role_for(container)
+            if spec is not None:
+                self._credentials.prefetch(container.id, container.name, spec)
 
 
 #####################################################################
@@ -1787,8 +1951,9 @@ class MetadataService:
 
     def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
-                 require_tokens: bool = False):
+                 require_tokens: bool = False, watcher: Optional[DockerWatcher] = None):
         self.index = index
+        self.watcher = watcher
         self.roles = roles
         self.credentials = credentials
         self.tokens = tokens
@@ -1798,21 +1963,18 @@ class MetadataService:
         self.require_tokens = require_tokens
 
     def caller(self, source: str, resync: bool) -> Optional[Container]:
-        """The container behind a source address, or its static mapping.
+        """The container behind a source address, or its static mapping (DockerWatcher.find).
 
-        With resync (a credential or token request), the answer must be current: while
-        Docker's events are not followed, a listing comes first; an unknown address waits
-        (bounded) for Docker to list it.
+        With resync (a credential or token request), Docker's answer must be current, waiting
+        at most resync_timeout for it; a stale answer is still used (known containers are
+        served while Docker is away), and said so in the debug log.
         """
-        if resync and not self.index.is_current():
-            container = self.index.lookup_listed(source, self.resync_timeout)
-        else:
-            container = self.index.lookup(source)
-        if container is None:
-            container = self.roles.static_container(source)
-        if container is None and resync:
-            container = self.index.lookup_or_resync(source, self.resync_timeout)
-        return container
+        if self.watcher is None:
+            return self.index.lookup(source) or self.index.static(source)
+        found = self.watcher.find(source, resync, self.resync_timeout)
+        if resync and not found.fresh:
+            log.debug("%s: Docker did not answer in time; using what it said last", source)
+        return found.container
 
     def answer(self, method: str, target: str, headers: Mapping[str, str], source: str) -> Answer:
         """Answer one request; a credential answer takes at most wait_timeout, whatever STS does."""
@@ -2476,27 +2638,24 @@ class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 sts_rate: float = 25.0):
+                 sts_rate: float = 25.0, mock_region: str = "us-east-1", clock: Callable[[], float] = time.time):
         self.config = config
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
-        if config.mock:
-            # Outside EC2: the proxy's own credentials are the developer's; botocore reads
-            # this switch from the environment only.
-            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
         self.sts = sts if sts is not None else StsClient(
-            config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
-        self.credentials = CredentialCache(self.sts, background_rate=sts_rate, alive=self._alive)
-        self.index = ContainerIndex(DockerClient(config.docker_socket), with_env=config.env_roles,
-                                    on_added=self._added, on_removed=self._removed)
+            config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url, clock=clock)
+        self.credentials = CredentialCache(self.sts, background_rate=sts_rate, clock=clock)
+        self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
+        self.index = ContainerIndex(config.static_mappings)
+        self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
+                                     on_change=self.lifecycle.changed)
         if config.mock:
-            region = config.sts_region or os.environ.get("AWS_REGION") or "us-east-1"
-            self.upstream = MockUpstream(MockMetadata(region))
+            self.upstream = MockUpstream(MockMetadata(config.sts_region or mock_region))
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(),
                                        self.upstream, wait_timeout=wait_timeout,
-                                       require_tokens=config.require_tokens)
+                                       require_tokens=config.require_tokens, watcher=self.watcher)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits)
         except OSError as exc:
@@ -2518,25 +2677,11 @@ class Proxy:
     def address(self) -> Tuple[str, int]:
         return self.server.server_address[:2]
 
-    def _alive(self, container_id: str) -> bool:
-        return container_id.startswith("static:") or self.index.get(container_id) is not None
-
-    def _added(self, containers: List[Container]) -> None:
-        for container in containers:
-            spec = self.roles.role_for(container)
-            if spec is not None:
-                self.credentials.prefetch(container.id, container.name, spec)
-
-    def _removed(self, container_ids: List[str]) -> None:
-        for container_id in container_ids:
-            self.credentials.drop_container(container_id)
-        self.roles.forget(container_ids)
-
     def start(self) -> None:
         """Everything but the accept loop: list containers first, so the first requests are known."""
         self.credentials.start()
-        self.index.sync_once()
-        self.index.start()
+        self.watcher.sync_once()
+        self.watcher.start()
         threading.Thread(target=self._probe_upstream, name="imds-probe", daemon=True).start()
         threading.Thread(target=self._probe_credentials, name="aws-credentials-probe", daemon=True).start()
         host, port = self.address
@@ -2583,7 +2728,7 @@ class Proxy:
         self.server.shutdown()
         drained = self.server.drain(timeout)
         self.server.server_close()
-        self.index.stop()
+        self.watcher.stop()
         self.credentials.stop()
         log.info("stopped%s", "" if drained else " (some connections were cut off)")
         self.stopped.set()
@@ -2609,8 +2754,12 @@ def main(argv=None) -> int:
     if args.check:
         print(f"ec2metaproxy: {args.config}: OK")
         return 0
+    if config.mock:
+        # Outside EC2: the proxy's own credentials are the developer's; botocore reads
+        # this switch from the environment only.
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     try:
-        proxy = Proxy(config)
+        proxy = Proxy(config, mock_region=os.environ.get("AWS_REGION") or "us-east-1")
     except StartupError as exc:
         print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1

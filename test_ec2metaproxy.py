@@ -10,6 +10,7 @@ is bounded; every process and thread started here is stopped here.
 Run: python3 -m unittest -v test_ec2metaproxy
 """
 
+import calendar
 import collections
 import contextlib
 import http.client
@@ -57,6 +58,11 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02):
         time.sleep(interval)
 
 
+def iso_time(text: str) -> float:
+    """The Unix time of an IMDS timestamp (YYYY-MM-DDTHH:MM:SSZ)."""
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,6 +87,8 @@ class DockerStandIn:
         self.containers = collections.OrderedDict()
         self.calls = collections.Counter()
         self.list_delay = 0.0
+        self.fail_status = None   # answer every request with this status (a daemon in trouble)
+        self.connections = 0      # every connection accepted, answered or not
         self.lock = threading.Lock()
         self._subscribers = []
         self._server = None
@@ -147,7 +155,14 @@ class DockerStandIn:
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()
+                with stand_in.lock:
+                    stand_in.connections += 1
+
             def do_GET(self):
+                if stand_in.fail_status:
+                    return self.reply(stand_in.fail_status, b'{"message": "stand-in failure"}')
                 path = re.sub(r"^/v\d+\.\d+", "", urllib.parse.urlsplit(self.path).path)
                 if path == "/events":
                     return self.events()
@@ -497,7 +512,7 @@ def base_config(**overrides):
 class ProxyFixture:
     """A whole proxy in this process on 127.0.0.1, with its own Docker and IMDS stand-ins."""
 
-    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, **config):
+    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=None, **config):
         self.tmp = tempfile.mkdtemp(prefix="emp-test-")
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.imds = ImdsStandIn().start()
@@ -507,11 +522,13 @@ class ProxyFixture:
         self.limits = limits
         self.wait_timeout = wait_timeout
         self.sts_rate = sts_rate
+        self.clock = clock   # a wall clock for credentials (expiry moved onto it), or the real one
         self.proxy = None
 
     def start(self):
+        timing = {} if self.clock is None else {"clock": self.clock, "sts": ShiftedSts(self.clock)}
         self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
-                               sts_rate=self.sts_rate)
+                               sts_rate=self.sts_rate, **timing)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -605,6 +622,40 @@ class ProxyTestCase(unittest.TestCase):
     def assertNoHostSecrets(self, *texts):
         for text in texts:
             self.assertNotIn(HOST_MARKER, str(text))
+
+
+#####################################################################
+# Helpers ###########################################################
+
+class TestBackoff(unittest.TestCase):
+
+    def test_grows_with_jitter_to_its_cap_and_starts_over_after_reset(self):
+        backoff = emp.Backoff(threading.Event(), base=0.5, cap=4.0)
+        for expected in (0.5, 1.0, 2.0, 4.0, 4.0, 4.0):
+            delay = backoff.next_delay()
+            self.assertTrue(expected / 2 <= delay <= expected, (delay, expected))
+        backoff.reset()
+        self.assertLessEqual(backoff.next_delay(), 0.5)
+
+    def test_a_stop_ends_the_wait(self):
+        stop = threading.Event()
+        stop.set()
+        self.assertFalse(emp.Backoff(stop, base=60.0, cap=60.0).wait())
+
+
+class TestTokenBucket(unittest.TestCase):
+
+    def test_a_burst_at_once_then_the_rate(self):
+        clock = [100.0]
+        bucket = emp.TokenBucket(rate=4.0, burst=2.0, clock=lambda: clock[0])
+        self.assertEqual([bucket.take(), bucket.take()], [0.0, 0.0])
+        self.assertAlmostEqual(bucket.take(), 0.25)   # empty: a token in a quarter of a second
+        clock[0] += 0.25
+        self.assertEqual(bucket.take(), 0.0)
+        self.assertGreater(bucket.take(), 0.0)
+        clock[0] += 60   # a long quiet spell refills only up to the burst
+        self.assertEqual([bucket.take(), bucket.take()], [0.0, 0.0])
+        self.assertGreater(bucket.take(), 0.0)
 
 
 #####################################################################
@@ -734,6 +785,7 @@ class TestConfig(unittest.TestCase):
 # Docker ############################################################
 
 class DockerTestCase(unittest.TestCase):
+    """A DockerWatcher keeping a ContainerIndex current from a Docker stand-in; changes are recorded."""
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="emp-docker-")
@@ -741,9 +793,16 @@ class DockerTestCase(unittest.TestCase):
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.addCleanup(self.docker.stop)
         self.added, self.removed = [], []
-        self.index = emp.ContainerIndex(emp.DockerClient(self.docker.socket_path),
-                                        on_added=self.added.extend, on_removed=self.removed.extend)
-        self.addCleanup(self.index.stop)
+        self.index = emp.ContainerIndex()
+        self.watcher = self.make_watcher(self.index)
+        self.addCleanup(self.watcher.stop)
+
+    def make_watcher(self, index, **kwargs):
+        return emp.DockerWatcher(emp.DockerClient(self.docker.socket_path), index, on_change=self.changed, **kwargs)
+
+    def changed(self, added, removed):
+        self.added.extend(added)
+        self.removed.extend(removed)
 
 
 class TestDockerClient(DockerTestCase):
@@ -766,39 +825,165 @@ class TestDockerClient(DockerTestCase):
             client.inspect("nope")
 
 
-class TestContainerIndex(DockerTestCase):
+def summary(cid, mode="default", **networks):
+    """An entry of GET /containers/json with the given networks ({name: "ip"})."""
+    return {"Id": cid, "Names": ["/" + cid[:6]], "Image": "busybox:latest", "Labels": {},
+            "HostConfig": {"NetworkMode": mode},
+            "NetworkSettings": {"Networks": {name: {"IPAddress": ip} for name, ip in networks.items()}}}
 
-    def test_every_address_of_every_network_and_never_host_network(self):
+
+class TestContainer(unittest.TestCase):
+
+    def test_every_address_of_every_network(self):
+        found = emp.Container.from_summary({
+            "Id": "a" * 64, "Names": ["/web"], "Image": "web:1", "Labels": {"k": "v"},
+            "NetworkSettings": {"Networks": {"bridge": {"IPAddress": "172.17.0.2", "GlobalIPv6Address": "fd00::2"},
+                                             "backend": {"IPAddress": "172.20.0.5"}, "none": {"IPAddress": ""}}}})
+        self.assertEqual((found.name, found.image, dict(found.labels)), ("web", "web:1", {"k": "v"}))
+        self.assertEqual(set(found.ips), {"172.17.0.2", "fd00::2", "172.20.0.5"})
+        self.assertIsNone(found.static_alias)
+
+    def test_a_host_network_container_has_no_address_even_when_its_listing_carries_one(self):
+        found = emp.Container.from_summary(summary("b" * 64, mode="host", host="172.17.0.50"))
+        self.assertEqual(found.ips, ())
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class TestContainerIndex(unittest.TestCase):
+    """The maps alone: listings installed, removals, tombstones and staticMappings; no Docker."""
+
+    def setUp(self):
+        self.clock = ManualClock()
+        self.index = emp.ContainerIndex(clock=self.clock)
+
+    def container(self, cid, **networks):
+        return emp.Container.from_summary(summary(cid, **networks))
+
+    def test_install_reports_what_was_added_and_removed(self):
+        one, two = self.container("1" * 64, bridge="172.17.0.2"), self.container("2" * 64, bridge="172.17.0.3")
+        self.assertEqual(self.index.install([one, two], self.clock()), ([one, two], []))
+        self.assertEqual(self.index.lookup("172.17.0.2"), one)
+        self.assertEqual(self.index.install([two], self.clock()), ([], ["1" * 64]))
+        self.assertIsNone(self.index.lookup("172.17.0.2"))
+        self.assertFalse(self.index.knows("172.17.0.2"))
+        self.assertEqual(len(self.index), 1)
+
+    def test_a_listing_keeps_unchanged_containers_as_they_were(self):
+        before = self.container("1" * 64, bridge="172.17.0.41")
+        self.index.install([before], self.clock())
+        self.index.install([self.container("1" * 64, bridge="172.17.0.41")], self.clock())
+        self.assertIs(self.index.lookup("172.17.0.41"), before)
+
+    def test_a_removal_after_a_listing_began_is_not_undone_by_it(self):
+        cid = "d" * 64
+        self.index.install([self.container(cid, bridge="172.17.0.4")], self.clock())
+        began = self.clock()   # a listing begins, and still shows the container...
+        self.clock.advance(0.1)
+        self.assertTrue(self.index.remove(cid))   # ...its die event comes while it is in flight
+        self.assertEqual(self.index.install([self.container(cid, bridge="172.17.0.4")], began), ([], []))
+        self.assertIsNone(self.index.lookup("172.17.0.4"))
+        # A listing begun after the removal (a restart, its start event having revived it) brings it back.
+        self.index.revive(cid)
+        self.clock.advance(0.1)
+        self.index.install([self.container(cid, bridge="172.17.0.4")], self.clock())
+        self.assertEqual(self.index.lookup("172.17.0.4").id, cid)
+        self.assertEqual(self.index.counts()["tombstones"], 0)
+
+    def test_disconnect_drops_that_network_only_even_from_a_listing_in_flight(self):
+        cid = "e" * 64
+        self.index.install([self.container(cid, bridge="172.17.0.6", app="172.21.0.6")], self.clock())
+        began = self.clock()
+        self.clock.advance(0.1)
+        self.index.disconnect(cid, "app")
+        self.assertIsNone(self.index.lookup("172.21.0.6"))
+        self.index.install([self.container(cid, bridge="172.17.0.6", app="172.21.0.6")], began)
+        self.assertIsNone(self.index.lookup("172.21.0.6"))
+        self.assertEqual(self.index.lookup("172.17.0.6").id, cid)
+
+    def test_two_containers_claiming_one_address_get_neither(self):
+        with LogCapture() as logs:
+            self.index.install([self.container("a" * 64, bridge="172.17.0.7"),
+                                self.container("b" * 64, bridge="172.17.0.7")], self.clock())
+        self.assertIsNone(self.index.lookup("172.17.0.7"))
+        self.assertTrue(self.index.knows("172.17.0.7"))
+        self.assertIn("172.17.0.7 is claimed by more than one container", logs.text)
+
+    def test_a_host_network_container_is_never_matched(self):
+        self.index.install([self.container("f" * 64, mode="host", host="172.17.0.50")], self.clock())
+        self.assertEqual(len(self.index), 1)
+        self.assertIsNone(self.index.lookup("172.17.0.50"))
+        self.assertIsNone(self.index.lookup(""))
+
+    def test_static_mappings_most_specific_first_marked_by_their_alias(self):
+        config = emp.parse_config(base_config(staticMappings={"10.1.0.0/16": "db", "10.1.2.3": "web",
+                                                              "fd00::/64": "web"}))
+        index = emp.ContainerIndex(config.static_mappings)
+        self.assertEqual(index.static("10.1.2.3").static_alias, "web")
+        self.assertEqual(index.static("10.1.9.9").static_alias, "db")
+        self.assertEqual(index.static("fd00::5").static_alias, "web")
+        self.assertIsNone(index.static("10.2.0.1"))
+        self.assertIs(index.static("10.1.9.9"), index.static("10.1.9.9"))
+        self.assertIsNone(index.lookup("10.1.9.9"))   # a stand-in is not a Docker container
+
+
+class TestDockerWatcher(DockerTestCase):
+
+    def test_a_listing_indexes_every_address_and_never_a_host_network_one(self):
         web = self.docker.add_container("web", networks={"bridge": ["172.17.0.2", "fd00::2"],
                                                           "backend": ["172.20.0.5"]}, emit=False)
-        self.docker.add_container("hostnet", network_mode="host", emit=False)
-        self.assertTrue(self.index.sync_once())
+        hostnet = self.docker.add_container("hostnet", network_mode="host", emit=False)
+        # Some daemons list an address for a host-network container: it must still never match.
+        self.docker.containers[hostnet]["summary"]["NetworkSettings"]["Networks"] = {
+            "host": {"IPAddress": "172.17.0.50", "GlobalIPv6Address": ""}}
+        self.assertTrue(self.watcher.sync_once())
         for ip in ("172.17.0.2", "fd00::2", "172.20.0.5"):
             self.assertEqual(self.index.lookup(ip).id, web)
+        self.assertIsNone(self.index.lookup("172.17.0.50"))
+        self.assertIsNone(self.watcher.find("172.17.0.50", True, 0.2).container)
         self.assertEqual(len(self.index), 2)
-        self.assertIsNone(self.index.lookup(""))
         self.assertEqual({c.name for c in self.added}, {"web", "hostnet"})
 
     def test_events_keep_the_index_current_and_die_drops_the_address_at_once(self):
-        self.index.sync_once()
-        self.index.start()
+        self.watcher.sync_once()
+        self.watcher.start()
         self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))
         first = self.docker.add_container("first", ["172.17.0.3"])
         self.assertTrue(wait_until(lambda: self.index.lookup("172.17.0.3")))
         # The event stream is the only source: remove the container from the listing first,
         # so only the die event can take it out of the index.
-        self.docker.list_delay = 0
         self.docker.remove_container(first)
         self.assertTrue(wait_until(lambda: self.index.lookup("172.17.0.3") is None))
         self.assertIn(first, self.removed)
         second = self.docker.add_container("second", ["172.17.0.3"])
         self.assertTrue(wait_until(lambda: getattr(self.index.lookup("172.17.0.3"), "id", None) == second))
 
+    def test_a_die_event_alone_drops_the_address(self):
+        cid = self.docker.add_container("dies", ["172.17.0.31"], emit=False)
+        self.watcher.sync_once()
+        listings = self.docker.calls["list"]
+        self.watcher.handle_event({"Type": "container", "Action": "die", "Actor": {"ID": cid}, "id": cid,
+                                   "status": "die"})   # no destroy follows (a stopped, kept container)
+        self.assertIsNone(self.index.lookup("172.17.0.31"))
+        self.assertEqual(self.removed, [cid])
+        self.assertEqual(self.docker.calls["list"], listings)   # dropped from the event itself
+
     def test_a_burst_of_start_events_coalesces_into_few_listings(self):
-        self.index.sync_once()
-        self.index.start()
+        self.watcher.sync_once()
+        self.watcher.start()
         self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))
-        self.assertTrue(self.index.wait_synced(5))
+        self.assertTrue(self.watcher.wait_synced(5))
         before = self.docker.calls["list"]
         for number in range(300):
             self.docker.add_container(f"c{number}", [f"172.18.{number // 250}.{number % 250 + 1}"])
@@ -806,15 +991,15 @@ class TestContainerIndex(DockerTestCase):
         self.assertLessEqual(self.docker.calls["list"] - before, 10)
         self.assertEqual(self.docker.calls["inspect"], 0)
 
-    def test_unknown_callers_make_one_docker_call_between_them(self):
-        self.index.sync_once()
-        self.index.start()
-        self.assertTrue(self.index.wait_synced(5))
+    def test_unknown_callers_asking_at_once_share_listings(self):
+        self.watcher.sync_once()
+        self.watcher.start()
+        self.assertTrue(self.watcher.wait_synced(5))
         self.docker.list_delay = 0.1
         self.docker.add_container("late", ["172.17.0.9"], emit=False)
         before = self.docker.calls["list"]
         results = []
-        threads = [threading.Thread(target=lambda ip=ip: results.append(self.index.lookup_or_resync(ip, 2)))
+        threads = [threading.Thread(target=lambda ip=ip: results.append(self.watcher.find(ip, True, 2).container))
                    for ip in ["172.17.0.9"] + [f"10.9.9.{n}" for n in range(30)]]
         for thread in threads:
             thread.start()
@@ -824,96 +1009,108 @@ class TestContainerIndex(DockerTestCase):
         # asked for while the first was in flight.
         self.assertLessEqual(self.docker.calls["list"] - before, 3)
         self.assertEqual(sum(1 for r in results if r is not None), 1)
-        # Callers that stay unknown, asking as fast as they can for a second, get few listings.
-        self.docker.list_delay = 0
+
+    def test_callers_that_stay_unknown_get_listings_from_one_fixed_budget(self):
+        clock = ManualClock()
+        watcher = self.make_watcher(emp.ContainerIndex(clock=clock), clock=clock)
+        self.addCleanup(watcher.stop)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: watcher.following(), timeout=5))   # its own listing, for events
         before = self.docker.calls["list"]
-        deadline = time.monotonic() + 1.0
-        asked = 0
-        while time.monotonic() < deadline and asked < 5000:
-            self.assertIsNone(self.index.lookup_or_resync(f"10.9.8.{asked % 200}", 0.01))
-            asked += 1
-        self.assertGreater(asked, 50)
-        self.assertLessEqual(self.docker.calls["list"] - before, 8)   # the bucket: 4 at once, 4 a second
+
+        def ask_in_turn(prefix):   # each waits for Docker (bounded) and asks again, as a retrying client does
+            for number in range(12):
+                self.assertIsNone(watcher.find(f"{prefix}.{number}", True, 0.06).container)
+        ask_in_turn("10.9.8")   # while the clock stands still
+        self.assertFalse(wait_until(lambda: self.docker.calls["list"] - before > 4, timeout=0.5))
+        self.assertEqual(self.docker.calls["list"] - before, 4)   # the budget's burst, and no more
+        clock.advance(1.0)   # a second later: the budget's rate, 4 more
+        ask_in_turn("10.9.7")
+        self.assertFalse(wait_until(lambda: self.docker.calls["list"] - before > 8, timeout=0.5))
+        self.assertEqual(self.docker.calls["list"] - before, 8)
 
     def test_a_container_docker_lists_late_is_still_found(self):
-        self.index.sync_once()
-        self.index.start()
-        self.assertTrue(self.index.wait_synced(5))
+        self.watcher.sync_once()
+        self.watcher.start()
+        self.assertTrue(self.watcher.wait_synced(5))
+        before = self.docker.calls["list"]
         result = {}
-        asker = threading.Thread(target=lambda: result.update(found=self.index.lookup_or_resync("172.17.0.30", 0.5)))
+        asker = threading.Thread(target=lambda: result.update(found=self.watcher.find("172.17.0.30", True, 2)))
         asker.start()
-        time.sleep(0.02)   # the first listing has already missed it
+        self.assertTrue(wait_until(lambda: self.docker.calls["list"] > before))   # the first look missed it
         self.docker.add_container("late-listed", ["172.17.0.30"], emit=False)
         asker.join(5)
-        self.assertIsNotNone(result["found"])
+        self.assertEqual(result["found"].container.name, "late-listed")
+        self.assertTrue(result["found"].fresh)
 
-    def test_a_die_during_a_listing_is_not_undone_by_it(self):
-        cid = self.docker.add_container("dying", ["172.17.0.4"], emit=False)
-        self.index.sync_once()
-        self.docker.list_delay = 0.5
-        listing = threading.Thread(target=self.index.sync_once)
-        listing.start()
-        time.sleep(0.1)   # the listing has begun and still holds the container
-        self.index.handle_event({"Type": "container", "Action": "die", "Actor": {"ID": cid}})
-        listing.join(5)
-        self.assertIsNone(self.index.lookup("172.17.0.4"))
-        # A later listing that no longer shows it keeps it out, and one that shows it again
-        # (a restart, with its start event) brings it back.
-        self.docker.list_delay = 0
-        self.index.handle_event({"Type": "container", "Action": "start", "Actor": {"ID": cid}})
-        self.index.sync_once()
-        self.assertEqual(self.index.lookup("172.17.0.4").id, cid)
+    def test_docker_is_asked_before_a_static_mapping_applies(self):
+        config = emp.parse_config(base_config(staticMappings={"172.17.3.0/24": "default"}))
+        watcher = self.make_watcher(emp.ContainerIndex(config.static_mappings))
+        self.addCleanup(watcher.stop)
+        watcher.sync_once()
+        watcher.start()
+        self.docker.add_container("db", ["172.17.3.10"], emit=False)   # listed, its event not yet seen
+        self.assertEqual(watcher.find("172.17.3.10", True, 0.5).container.name, "db")
+        stand_in = watcher.find("172.17.3.11", True, 0.2).container   # Docker does not know it
+        self.assertEqual(stand_in.static_alias, "default")
+        self.assertIs(watcher.find("172.17.3.11", False, 0.2).container, stand_in)
 
     def test_an_undecodable_event_brings_a_fresh_listing(self):
         cid = self.docker.add_container("lost-die", ["172.17.0.40"], emit=False)
-        self.index.sync_once()
-        self.index.start()
+        self.watcher.sync_once()
+        self.watcher.start()
         self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))
         self.docker.remove_container(cid, emit=False)   # its die event is lost...
         self.docker.emit_raw(b'{"Type": "container", "Action": "die", "Actor": {"ID": "' + b"x" * 100 + b"\n")
         self.assertTrue(wait_until(lambda: self.index.lookup("172.17.0.40") is None, timeout=5))
 
-    def test_disconnect_drops_that_network_only(self):
+    def test_disconnect_event_drops_that_network_only(self):
         cid = self.docker.add_container("multi", networks={"bridge": ["172.17.0.6"], "app": ["172.21.0.6"]},
                                         emit=False)
-        self.index.sync_once()
-        self.index.handle_event({"Type": "network", "Action": "disconnect",
-                                 "Actor": {"Attributes": {"container": cid, "name": "app"}}})
+        self.watcher.sync_once()
+        self.watcher.handle_event({"Type": "network", "Action": "disconnect",
+                                   "Actor": {"Attributes": {"container": cid, "name": "app"}}})
         self.assertIsNone(self.index.lookup("172.21.0.6"))
         self.assertEqual(self.index.lookup("172.17.0.6").id, cid)
 
-    def test_a_listing_keeps_unchanged_containers_as_they_were(self):
-        self.docker.add_container("steady", ["172.17.0.41"], labels={"a": "1"}, emit=False)
-        self.index.sync_once()
-        before = self.index.lookup("172.17.0.41")
-        self.index.sync_once()
-        self.assertIs(self.index.lookup("172.17.0.41"), before)
-        cid = before.id
+    def test_a_listing_sees_changed_labels(self):
+        cid = self.docker.add_container("steady", ["172.17.0.41"], labels={"a": "1"}, emit=False)
+        self.watcher.sync_once()
         self.docker.containers[cid]["summary"]["Labels"]["a"] = "2"
-        self.index.sync_once()
+        self.watcher.sync_once()
         self.assertEqual(self.index.lookup("172.17.0.41").labels, {"a": "2"})
-
-    def test_two_containers_claiming_one_address_get_neither(self):
-        self.docker.add_container("a", ["172.17.0.7"], emit=False)
-        self.docker.add_container("b", ["172.17.0.7"], emit=False)
-        self.index.sync_once()
-        self.assertIsNone(self.index.lookup("172.17.0.7"))
 
     def test_reconnects_and_resyncs_after_the_daemon_restarts(self):
         self.docker.add_container("before", ["172.17.0.10"], emit=False)
-        self.index.sync_once()
-        self.index.start()
+        self.watcher.sync_once()
+        self.watcher.start()
         self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))
         self.docker.stop()
-        self.assertTrue(wait_until(lambda: self.index.reachable is False, timeout=5))
+        self.assertTrue(wait_until(lambda: self.watcher.reachable is False, timeout=5))
         # Known containers are still served while Docker is away.
         self.assertEqual(self.index.lookup("172.17.0.10").name, "before")
+        self.assertEqual(self.watcher.find("172.17.0.10", True, 0.2).container.name, "before")
         self.docker.add_container("while-down", ["172.17.0.11"], emit=False)
-        started = time.monotonic()
         self.docker.start()
         self.assertTrue(wait_until(lambda: self.index.lookup("172.17.0.11"), timeout=15))
-        self.assertTrue(wait_until(lambda: self.index.reachable, timeout=5))
-        self.assertLess(time.monotonic() - started, 15)
+        self.assertTrue(wait_until(lambda: self.watcher.reachable, timeout=5))
+
+
+class TestFindingTheCaller(ProxyTestCase):
+    """MetadataService.caller: Docker's answer first, then staticMappings; bounded waits."""
+
+    config = {"staticMappings": {"127.0.3.0/24": "default"}}
+
+    def test_a_labelled_container_inside_a_static_range_gets_its_own_role_at_once(self):
+        self.start()
+        for number in range(4):
+            source = f"127.0.3.{10 + number}"
+            self.docker.add_container(f"db-{number}", [source], labels={"ec2metaproxy.RoleAlias": "db"})
+            status, _, role = self.fx.request("/latest/meta-data/iam/security-credentials/", source)
+            self.assertEqual((status, role), (200, "db-role"), f"container {number}")
+        # An address Docker does not know, once the wait is over, gets the static mapping.
+        status, _, role = self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.3.99")
+        self.assertEqual((status, role), (200, "default-role"))
 
 
 #####################################################################
@@ -968,7 +1165,9 @@ class TestRoleResolver(unittest.TestCase):
         roles = self.resolver()
         one = container(labels={"ec2metaproxy.RoleAlias": "web"})
         self.assertIs(roles.role_for(one), roles.role_for(one))
+        self.assertEqual(len(roles), 1)
         roles.forget([one.id])
+        self.assertEqual(len(roles), 0)
         self.assertEqual(roles.role_for(one).arn, arn("web-role"))
 
 
@@ -1094,12 +1293,12 @@ class TestMigrationOptions(unittest.TestCase):
         long = roles.role_for(container("w" * 80, labels={"job": "j"})).session_name
         self.assertEqual(len(long), 64)
 
-    def test_static_mappings_most_specific_first(self):
-        roles = self.resolver(staticMappings={"10.1.0.0/16": "db", "10.1.2.3": "web", "fd00::/64": "web"})
-        self.assertEqual(roles.role_for(roles.static_container("10.1.2.3")).arn, arn("web-role"))
-        self.assertEqual(roles.role_for(roles.static_container("10.1.9.9")).arn, arn("db-role"))
-        self.assertEqual(roles.role_for(roles.static_container("fd00::5")).arn, arn("web-role"))
-        self.assertIsNone(roles.static_container("10.2.0.1"))
+    def test_a_static_mapping_stand_in_gets_its_alias(self):
+        roles = self.resolver()
+        self.assertEqual(roles.role_for(emp.Container.static("10.1.2.3", "web")).arn, arn("web-role"))
+        self.assertEqual(roles.role_for(emp.Container.static("10.1.9.9", "db")).arn, arn("db-role"))
+        # The mark is the typed field, not a label a container could set for itself.
+        self.assertEqual(roles.role_for(container(labels={"static_alias": "db"})).arn, arn("default-role"))
 
 
 #####################################################################
@@ -1154,11 +1353,32 @@ class TestStsClient(unittest.TestCase):
         STS.mode = "stall"
         STS.stall = 6
         sts = emp.StsClient("us-east-1", STS.url, read_timeout=1.0)
-        started = time.monotonic()
-        with self.assertRaises(emp.CredentialError):
+        # Unbounded, the call would succeed once the stall ends; bounded, it gives up as unavailable.
+        with self.assertRaises(emp.CredentialError) as caught:
             sts.assume_role(emp.RoleSpec(arn("web"), "x-1"))
-        self.assertLess(time.monotonic() - started, 3.5)
+        self.assertEqual(caught.exception.code, "STSUnavailable")
         self.assertEqual(STS.assume_calls(), 1)
+
+    def test_last_updated_comes_from_its_clock(self):
+        sts = emp.StsClient("us-east-1", STS.url, clock=lambda: 1000000000.0)
+        creds = sts.assume_role(emp.RoleSpec(arn("web-role"), "web-1"))
+        self.assertEqual(creds.last_updated, 1000000000.0)
+        self.assertEqual(json.loads(creds.body)["LastUpdated"], "2001-09-09T01:46:40Z")
+
+    def test_the_client_is_built_once_for_callers_asking_together(self):
+        sts = emp.StsClient("us-east-1", STS.url)
+        clients, barrier = [], threading.Barrier(8)
+
+        def ask():
+            barrier.wait(5)
+            clients.append(sts.client())
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(len(clients), 8)
+        self.assertEqual(len({id(client) for client in clients}), 1)
 
     def test_refresh_margin_keeps_thirty_minutes(self):
         for lifetime in (3600, 7200, 43200):
@@ -1223,12 +1443,10 @@ class TestCredentialCache(unittest.TestCase):
             seen.add(creds.access_key_id)
         self.assertGreaterEqual(len(seen), 3)
 
-    def test_failures_answer_fast_back_off_and_recover(self):
+    def test_failures_back_off_and_recover(self):
         STS.mode = "error"
-        started = time.monotonic()
         with self.assertRaises(emp.CredentialError):
             self.cache.get("c1", "web-1", self.spec, 0.8)
-        self.assertLess(time.monotonic() - started, 1.0)
         calls = STS.assume_calls()
         for _ in range(20):   # hammering during the backoff makes no more STS calls
             with self.assertRaises(emp.CredentialError):
@@ -1238,18 +1456,24 @@ class TestCredentialCache(unittest.TestCase):
         self.clock.now += 10   # past the longest retryable backoff: the background retry runs
         self.assertTrue(wait_until(lambda: self.cache.cached("c1", self.spec), timeout=5))
 
-    def test_an_entry_brought_back_for_a_dead_container_is_dropped(self):
-        alive = {"c1": True}
-        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200,
-                                    alive=lambda cid: alive.get(cid, False))
-        cache.start()
-        self.addCleanup(cache.stop)
-        first = cache.get("c1", "web-1", self.spec, 5)
-        alive["c1"] = False   # died while a request was bringing its entry back
+    def test_a_request_racing_its_containers_removal_leaves_nothing_behind(self):
+        self.cache.prefetch("c1", "web-1", self.spec)
+        self.assertTrue(wait_until(lambda: self.cache.cached("c1", self.spec)))
+        self.cache.drop_container("c1")   # the container died...
+        late = self.cache.get("c1", "web-1", self.spec, 5)   # ...while a request of its was on its way
+        self.assertIsNotNone(late)
+        self.assertEqual(len(self.cache), 0)
         calls = STS.assume_calls()
-        self.clock.now = first.expiration - 60   # its refresh comes due
-        self.assertTrue(wait_until(lambda: len(cache) == 0, timeout=5))
-        self.assertEqual(STS.assume_calls(), calls)
+        self.clock.now = late.expiration - 60   # no refresh comes due for it
+        self.assertFalse(wait_until(lambda: STS.assume_calls() > calls or len(self.cache), timeout=0.5))
+        self.assertEqual(self.cache.counts()["containers"], 0)
+
+    def test_a_restarted_container_keeps_its_id_and_gets_credentials_again(self):
+        self.cache.drop_container("c1")
+        self.cache.prefetch("c1", "web-1", self.spec)   # its start: the same id, alive again
+        self.assertTrue(wait_until(lambda: self.cache.cached("c1", self.spec)))
+        self.cache.get("c1", "web-1", self.spec, 5)
+        self.assertEqual(len(self.cache), 1)
 
     def test_an_unparsable_sts_answer_never_reaches_the_log(self):
         STS.mode = "truncated"
@@ -1261,6 +1485,14 @@ class TestCredentialCache(unittest.TestCase):
         self.assertNotIn(secret, logs.text + str(caught.exception))
         self.assertNotIn(secret[:12], logs.text)
 
+    def test_specs_differing_only_in_session_policy_get_their_own_credentials(self):
+        narrow = emp.RoleSpec(arn("web-role"), "web-1", policy='{"Statement":[]}')
+        one = self.cache.get("c1", "web-1", self.spec, 5)
+        two = self.cache.get("c1", "web-1", narrow, 5)
+        self.assertNotEqual(one.access_key_id, two.access_key_id)
+        self.assertEqual(STS.assume_calls(), 2)
+        self.assertEqual([request.get("Policy") for request in STS.requests], [None, '{"Statement":[]}'])
+
     def test_keys_separate_containers_and_options_and_drop_removes(self):
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)
@@ -1270,6 +1502,37 @@ class TestCredentialCache(unittest.TestCase):
         self.assertIsNone(self.cache.cached("c1", self.spec))
         self.assertIsNone(self.cache.cached("c1", other))
         self.assertEqual(len(self.cache), 1)
+
+
+class TestContainerLifecycle(unittest.TestCase):
+
+    def setUp(self):
+        STS.reset()
+        self.clock = FakeClock()
+        self.roles = emp.RoleResolver(emp.parse_config(base_config()))
+        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200)
+        self.cache.start()
+        self.addCleanup(self.cache.stop)
+        self.lifecycle = emp.ContainerLifecycle(self.roles, self.cache)
+
+    def test_a_new_container_gets_its_role_decided_and_credentials_prefetched(self):
+        web = container("web-1", labels={"ec2metaproxy.RoleAlias": "web"})
+        self.lifecycle.changed([web], [])
+        self.assertEqual(len(self.roles), 1)
+        self.assertTrue(wait_until(lambda: self.cache.cached(web.id, self.roles.role_for(web)), timeout=5))
+        self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("web-role")])
+
+    def test_a_container_without_a_role_costs_no_sts_call(self):
+        self.lifecycle.changed([container("typo", labels={"ec2metaproxy.RoleAlias": "wbe"})], [])
+        self.assertFalse(wait_until(lambda: STS.assume_calls(), timeout=0.3))
+        self.assertEqual(len(self.cache), 0)
+
+    def test_a_gone_container_loses_its_credentials_and_its_decision(self):
+        web = container("web-1", labels={"ec2metaproxy.RoleAlias": "web"})
+        self.lifecycle.changed([web], [])
+        self.assertTrue(wait_until(lambda: self.cache.cached(web.id, self.roles.role_for(web)), timeout=5))
+        self.lifecycle.changed([], [web.id])
+        self.assertEqual((len(self.cache), len(self.roles)), (0, 0))
 
 
 #####################################################################
@@ -1679,12 +1942,10 @@ class TestMigrationEndToEnd(ProxyTestCase):
         status, creds = self.fx.credentials("127.0.0.50", "db-role")
         self.assertEqual(status, 200, creds)
         self.assertRegex(self.caller_arn(creds), r"assumed-role/db-role/static-127\.0\.0\.50-$")
-        listings = self.docker.calls["list"]
-        for _ in range(10):
-            started = time.monotonic()
+        listings, started = self.docker.calls["list"], time.monotonic()
+        for _ in range(10):   # Docker is asked first each time, from the listing budget: 4 at once, 4 a second
             self.assertEqual(self.fx.credentials("127.0.0.50", "db-role")[0], 200)
-            self.assertLess(time.monotonic() - started, 0.2)
-        self.assertEqual(self.docker.calls["list"], listings)
+        self.assertLessEqual(self.docker.calls["list"] - listings, 4 + 4 * (time.monotonic() - started))
         self.docker.add_container("now-docker", ["127.0.0.50"], labels={"ec2metaproxy.RoleAlias": "web"})
         self.assertTrue(wait_until(lambda: self.fx.request("/latest/meta-data/iam/security-credentials/",
                                                            "127.0.0.50")[2] == "web-role"))
@@ -1832,102 +2093,131 @@ class TestHttpServer(ProxyTestCase):
 class TestOutages(ProxyTestCase):
     """Dependencies failing: STS, Docker and the host IMDS; the proxy keeps serving and fails closed."""
 
+    def make_fixture(self):
+        return ProxyFixture(clock=FakeClock())
+
     def setUp(self):
         super().setUp()
         self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
         self.docker.add_container("db-1", ["127.0.0.3"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
         self.start()
-        self.assertTrue(wait_until(lambda: len(self.fx.proxy.credentials) == 2 and all(
-            self.fx.proxy.credentials.cached(cid, self.fx.proxy.roles.role_for(self.fx.proxy.index.get(cid)))
-            for cid in list(self.docker.containers)), timeout=10))
-
-    def timed(self, source, role):
-        started = time.monotonic()
-        status, body = self.fx.credentials(source, role)
-        return status, body, time.monotonic() - started
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 2 and len(self.fx.proxy.credentials) == 2,
+                                   timeout=10))
+        for source, role in (("127.0.0.2", "web-role"), ("127.0.0.3", "db-role")):   # prefetched
+            self.assertEqual(self.fx.credentials(source, role)[0], 200)
+        self.assertEqual(STS.assume_calls(), 2)
 
     def recovery_after(self, mode):
-        """Break STS in `mode`: cached credentials are served; a new container gets a fast 5xx, then recovers."""
+        """Break STS in `mode`: cached credentials are served; a new container gets a 5xx, then recovers."""
         _, cached_before = self.fx.credentials("127.0.0.2", "web-role")
+        calls = STS.assume_calls()
         STS.mode = mode
         STS.stall = 5
         for _ in range(5):
-            status, body, elapsed = self.timed("127.0.0.2", "web-role")
+            status, body = self.fx.credentials("127.0.0.2", "web-role")
             self.assertEqual(status, 200)
             self.assertEqual(body["AccessKeyId"], cached_before["AccessKeyId"])
-            self.assertLess(elapsed, 0.5)
+        self.assertEqual(STS.assume_calls(), calls)   # answered from the cache: STS is not on the path
         self.docker.add_container("new-1", ["127.0.0.9"], labels={"ec2metaproxy.RoleAlias": "web"})
-        status, body, elapsed = self.timed("127.0.0.9", "web-role")
+        status, body = self.fx.credentials("127.0.0.9", "web-role")
         self.assertEqual(status, 503)
-        self.assertLess(elapsed, 1.0)
         error = json.loads(body)   # IMDS's error JSON, naming what STS said
         self.assertRegex(error["Code"], r"^[A-Za-z]+$")
         self.assertNotIn("AccessKeyId", error)
         self.assertNoHostSecrets(body)
         STS.mode = "ok"
-        healed = time.monotonic()
-        self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.9", "web-role")[0] == 200,
-                                   timeout=15, interval=0.2))
-        return time.monotonic() - healed
+
+        def healed():   # a second passes between looks: retries come due as their backoff ends
+            self.fx.clock.now += 1
+            return self.fx.credentials("127.0.0.9", "web-role")[0] == 200
+        self.assertTrue(wait_until(healed, timeout=15, interval=0.2))
 
     def test_sts_errors(self):
-        self.assertLess(self.recovery_after("error"), 12)
+        self.recovery_after("error")
 
     def test_sts_throttling(self):
-        self.assertLess(self.recovery_after("throttle"), 12)
+        self.recovery_after("throttle")
 
     def test_sts_unreachable(self):
-        self.assertLess(self.recovery_after("down"), 12)
+        self.recovery_after("down")
 
     def test_sts_slow(self):
-        self.assertLess(self.recovery_after("stall"), 15)
+        self.recovery_after("stall")
 
     def test_access_denied_for_one_alias_does_not_delay_another(self):
         STS.deny = {arn("web-role")}
         self.docker.add_container("denied-1", ["127.0.0.10"], labels={"ec2metaproxy.RoleAlias": "web"})
         self.docker.add_container("fine-1", ["127.0.0.11"], labels={"ec2metaproxy.RoleAlias": "db"})
         for _ in range(10):
-            status, _, _ = self.timed("127.0.0.10", "web-role")
-            self.assertEqual(status, 503)
-        status, body, elapsed = self.timed("127.0.0.11", "db-role")
+            self.assertEqual(self.fx.credentials("127.0.0.10", "web-role")[0], 503)
+        status, body = self.fx.credentials("127.0.0.11", "db-role")
         self.assertEqual(status, 200, body)
-        self.assertLess(elapsed, 1.0)
         self.assertLessEqual(sum(1 for r in STS.requests if r.get("RoleSessionName") == "denied-1"), 3)
 
     def test_old_credentials_are_served_while_a_failing_refresh_retries(self):
-        cache = self.fx.proxy.credentials
-        spec = self.fx.proxy.roles.role_for(self.fx.proxy.index.lookup("127.0.0.2"))
-        cid = self.fx.proxy.index.lookup("127.0.0.2").id
-        entry = cache._entries[(cid, spec)]
-        STS.mode = "error"
-        entry.refresh_at = 0   # the refresh is due now, and STS fails it
         _, before = self.fx.credentials("127.0.0.2", "web-role")
-        self.assertTrue(wait_until(lambda: entry.failures >= 1, timeout=5))
+        STS.mode = "error"
+        calls = STS.assume_calls()
+        self.fx.clock.now = iso_time(before["Expiration"]) - 1800   # past the refresh margin: one is due
+        status, during = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertEqual((status, during["AccessKeyId"]), (200, before["AccessKeyId"]))
+        self.assertTrue(wait_until(lambda: STS.assume_calls() > calls, timeout=5))   # the refresh, failing
         status, during = self.fx.credentials("127.0.0.2", "web-role")
         self.assertEqual((status, during["AccessKeyId"]), (200, before["AccessKeyId"]))
         STS.mode = "ok"
+        self.fx.clock.now += 60   # past the retry's backoff
         self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"]
                                    != before["AccessKeyId"], timeout=15, interval=0.2))
 
     def test_docker_down_known_containers_still_served_and_new_ones_found_after(self):
         self.docker.stop()
-        self.assertTrue(wait_until(lambda: self.fx.proxy.index.reachable is False, timeout=5))
-        status, _, elapsed = self.timed("127.0.0.2", "web-role")
-        self.assertEqual(status, 200)
-        self.assertLess(elapsed, 0.5)
-        started = time.monotonic()
-        status, _, _ = self.timed("127.0.0.12", "default-role")
-        self.assertEqual(status, 404)
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.watcher.reachable is False, timeout=5))
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
+        self.assertEqual(self.fx.credentials("127.0.0.12", "default-role")[0], 404)
         self.docker.add_container("while-down", ["127.0.0.12"], emit=False)
         self.docker.start()
         self.assertTrue(wait_until(lambda: self.fx.credentials("127.0.0.12", "default-role")[0] == 200,
                                    timeout=15, interval=0.2))
 
+    def test_docker_answering_errors_gets_calls_at_a_small_fixed_rate_however_many_requests(self):
+        # The proxy's fixed budget for listings not asked for by an event, written here: 4 at once
+        # and 4 a second; the event stream is asked for again at most every 0.25 s (its backoff's
+        # shortest wait: 0.5 s with jitter down to half).
+        burst, rate, resubscribe_every = 4, 4.0, 0.25
+        self.docker.stop()
+        self.assertTrue(wait_until(lambda: self.fx.proxy.watcher.reachable is False, timeout=5))
+        self.docker.fail_status = 500
+        self.docker.start()
+        before, started = self.docker.connections, time.monotonic()
+        answers = [collections.Counter() for _ in range(8)]
+
+        def client(number):   # a busy host: 8 clients asking back to back for 2 s, known and unknown
+            end = started + 2.0
+            for round_number in range(5000):
+                if time.monotonic() >= end:
+                    break
+                source = "127.0.0.2" if round_number % 2 else f"127.0.5.{number + 1}"
+                answers[number][self.fx.credentials(source, "web-role")[0]] += 1
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        elapsed = time.monotonic() - started
+        calls = self.docker.connections - before
+        total = sum(answers, collections.Counter())
+        # Known served, unknown refused (and, past its per-source budget, 429 for the shared address).
+        self.assertLessEqual({200, 404}, set(total))
+        self.assertLessEqual(set(total), {200, 404, 429})
+        self.assertGreater(total[200] + total[404], 100)
+        bound = burst + rate * elapsed + 1 + elapsed / resubscribe_every
+        self.assertLessEqual(calls, bound, f"{calls} Docker calls for {sum(total.values())} requests "
+                                           f"in {elapsed:.1f}s")
+
     def test_events_missed_over_a_daemon_restart_never_give_the_old_containers_role(self):
         old = next(cid for cid, c in self.docker.containers.items() if c["summary"]["Names"] == ["/web-1"])
         self.docker.stop()
-        self.assertTrue(wait_until(lambda: self.fx.proxy.index.reachable is False, timeout=5))
+        self.assertTrue(wait_until(lambda: self.fx.proxy.watcher.reachable is False, timeout=5))
         # While the daemon was away, web-1 died and db-2 took its address: no event tells of it.
         self.docker.remove_container(old, emit=False)
         self.docker.add_container("db-2", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
@@ -1939,26 +2229,22 @@ class TestOutages(ProxyTestCase):
     def test_host_imds_down_or_slow_answers_502_504_and_credentials_are_unaffected(self):
         self.imds.delay = 6
         results = {}
+        forwarded = self.imds.paths().count("/latest/meta-data/instance-id")
 
         def slow():
-            started = time.monotonic()
             results["status"] = self.fx.request("/latest/meta-data/instance-id", "127.0.0.2", timeout=15)[0]
-            results["elapsed"] = time.monotonic() - started
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.2)
-        status, _, elapsed = self.timed("127.0.0.2", "web-role")   # a slow dependency blocks nobody else
-        self.assertEqual(status, 200)
-        self.assertLess(elapsed, 0.5)
+        self.assertTrue(wait_until(lambda: self.imds.paths().count("/latest/meta-data/instance-id") > forwarded))
+        # A slow dependency blocks nobody else: answered while the slow request is still waiting.
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
+        self.assertTrue(thread.is_alive())
         thread.join(15)
-        self.assertEqual(results["status"], 504)
-        self.assertLess(results["elapsed"], 6)
+        self.assertEqual(results["status"], 504)   # the proxy's own time-out, not the stand-in's late answer
         self.imds.delay = 0
         self.imds.stop()
-        started = time.monotonic()
         self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.2")[0], 502)
-        self.assertLess(time.monotonic() - started, 3)
-        self.assertEqual(self.timed("127.0.0.2", "web-role")[0], 200)
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
 
 
 class TestHostileInput(ProxyTestCase):
@@ -2162,16 +2448,15 @@ class TestChurn(ProxyTestCase):
                                                      [f"10.{round_number}.{number // 250}.{number % 250 + 1}"],
                                                      labels=labels))
             self.assertTrue(wait_until(lambda: len(proxy.index) == 1000, timeout=30), len(proxy.index))
-            self.assertTrue(wait_until(lambda: len(proxy.credentials) == 1000 and sum(
-                1 for entry in list(proxy.credentials._entries.values()) if entry.creds) == 1000,
-                timeout=60, interval=0.2), len(proxy.credentials))
+            self.assertTrue(wait_until(lambda: proxy.credentials.counts()["fetched"] == 1000 == len(proxy.credentials),
+                                       timeout=60, interval=0.2), proxy.credentials.counts())
             for cid in ids:
                 self.docker.remove_container(cid)
             self.assertTrue(wait_until(lambda: len(proxy.index) == 0, timeout=30), len(proxy.index))
             self.assertTrue(wait_until(lambda: len(proxy.credentials) == 0, timeout=10))
-            self.assertEqual(proxy.index._by_ip, {})
-            self.assertEqual(proxy.credentials._by_container, {})
-            self.assertEqual(proxy.roles._memo, {})
+            self.assertEqual(proxy.index.counts()["addresses"], 0)
+            self.assertEqual(proxy.credentials.counts()["containers"], 0)
+            self.assertEqual(len(proxy.roles), 0)
             if usage:
                 # Connection threads of the stand-ins may still be finishing: wait for them, bounded.
                 threads, fds = usage[0]
@@ -2180,17 +2465,70 @@ class TestChurn(ProxyTestCase):
                 self.assertTrue(wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 4, timeout=5))
             usage.append((threading.active_count(), len(os.listdir("/proc/self/fd"))))
         # Stale refresh timers of dead containers are dropped when they come due, not kept.
-        self.assertLessEqual(len(proxy.credentials._due), 3000)
-        self.assertTrue(wait_until(lambda: len(proxy.index._tombstones) == 0 or self.resync(proxy), timeout=5))
+        self.assertLessEqual(proxy.credentials.counts()["scheduled"], 3000)
+        self.assertTrue(wait_until(lambda: proxy.index.counts()["tombstones"] == 0 or self.resync(proxy), timeout=5))
 
     @staticmethod
     def resync(proxy):
-        proxy.index.sync_once()
-        return len(proxy.index._tombstones) == 0
+        proxy.watcher.sync_once()
+        return proxy.index.counts()["tombstones"] == 0
 
 
 #####################################################################
 # main ##############################################################
+
+class TestRedaction(unittest.TestCase):
+    """redact() and the formatter on their own: secrets blanked, everything a person needs kept."""
+
+    SECRETS = ("wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",   # a secret access key's shape
+               "FwoGZXIvYXdzEJr//////////wEaDM7Gd9XfKj2m3hXzYyKwAQx8Pq2Lr5TnVb7Wc4Zs1Hy6Ju3Ki9Og0Me",
+               "AQAEAF7yR3pqVmWnTq5dZs4Kx0Vb8mH2cJ6LwYuN1eDgRfT9iS==")
+    KEPT = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",   # a container id
+            "arn:aws:iam::123456789012:role/path/to/DeployRole-Production",
+            "/latest/meta-data/iam/security-credentials/my-application-role-name",
+            "ASIAXAMPLEACCESSKEY1", "0123456789abcdef0123456789abcdef01234567")
+
+    def test_a_secret_shaped_string_is_redacted(self):
+        for secret in self.SECRETS:
+            text = emp.redact(f"Token {secret} for web-1")
+            self.assertNotIn(secret, text)
+            self.assertRegex(text, r"^Token .*\[redacted\].* for web-1$")
+
+    def test_ids_arns_and_paths_are_kept(self):
+        for kept in self.KEPT:
+            self.assertEqual(emp.redact(f"GET {kept} 200"), f"GET {kept} 200")
+
+    def test_the_formatter_redacts_the_message_and_its_arguments(self):
+        formatter = emp.RedactingFormatter("%(levelname)s %(message)s")
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, "assumed %s for %s: %s",
+                                   (self.KEPT[1], self.KEPT[0], self.SECRETS[0]), None)
+        line = formatter.format(record)
+        self.assertEqual(line, f"INFO assumed {self.KEPT[1]} for {self.KEPT[0]}: [redacted]")
+
+
+class TestDroppingQueueHandler(unittest.TestCase):
+
+    def record(self, text):
+        return logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, text, (), None)
+
+    def test_lines_past_capacity_are_dropped_and_counted_in_a_later_line(self):
+        handler = emp.DroppingQueueHandler(capacity=2)
+        handler.setFormatter(emp.RedactingFormatter("%(message)s"))
+        for number in range(5):
+            handler.emit(self.record(f"line {number}"))
+        self.assertEqual([handler.queue.get_nowait().msg for _ in range(2)], ["line 0", "line 1"])
+        handler.emit(self.record("line 5"))
+        self.assertEqual([handler.queue.get_nowait().msg for _ in range(2)],
+                         ["3 log lines were dropped: the log output was not keeping up", "line 5"])
+
+    def test_lines_are_formatted_and_redacted_once_before_queueing(self):
+        handler = emp.DroppingQueueHandler()
+        handler.setFormatter(emp.RedactingFormatter("%(levelname)s %(message)s"))
+        handler.emit(logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, "key %s",
+                                       (TestRedaction.SECRETS[0],), None))
+        queued = handler.queue.get_nowait()
+        self.assertEqual((queued.msg, queued.args), ("INFO key [redacted]", None))
+
 
 class ProcessTestCase(unittest.TestCase):
     """Runs ec2metaproxy.py as the operator does, and stops it by its pid."""
@@ -2240,10 +2578,8 @@ class TestMain(ProcessTestCase):
         conn.request("GET", "/latest/meta-data/instance-id")
         self.assertEqual(conn.getresponse().status, 502)
         conn.close()
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
-        self.assertLess(time.monotonic() - started, 5)
         self.assertNotIn("Traceback", logs())
 
     def test_sigterm_finishes_requests_in_flight_then_exits_zero(self):
@@ -2268,12 +2604,10 @@ class TestMain(ProcessTestCase):
         thread.start()
         self.assertTrue(wait_until(lambda: imds.paths().count("/latest/meta-data/instance-id") > forwarded,
                                    timeout=5))
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         thread.join(10)
         self.assertEqual(result["answer"], (200, b"i-0host0000000000"))
         self.assertEqual(process.wait(10), 0)
-        self.assertLess(time.monotonic() - started, 5)
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -2291,15 +2625,13 @@ class TestMain(ProcessTestCase):
         self.assertTrue(wait_until(lambda: self.can_connect(port), timeout=15))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         self.addCleanup(conn.close)
-        slowest = 0.0
-        for _ in range(3000):   # ~300 KB of log lines: far more than a pipe holds
-            started = time.monotonic()
+        # ~300 KB of log lines: far more than a pipe holds. A proxy that waited on its log output
+        # would stop answering once the pipe is full, and the connection's time-out would end this.
+        for _ in range(3000):
             conn.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "5"})
             response = conn.getresponse()
             response.read()
             self.assertIn(response.status, (200, 429))
-            slowest = max(slowest, time.monotonic() - started)
-        self.assertLess(slowest, 1.0)
 
     @staticmethod
     def can_connect(port):

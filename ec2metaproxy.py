@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.parse
 from http.server import ThreadingHTTPServer
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("ec2metaproxy")
 
@@ -612,6 +612,27 @@ def parse_env(entries) -> Dict[str, str]:
     return env
 
 
+def list_containers(docker: DockerClient,
+                    known_env: Optional[Callable[[str], Optional[Mapping[str, str]]]] = None) -> List[Container]:
+    """Every running container; with known_env, each with its env (inspecting only those not known yet)."""
+    containers = []
+    for item in docker.list_containers():
+        env = None
+        if known_env is not None:
+            env = known_env(item.get("Id"))
+            if env is None:
+                try:
+                    env = parse_env((docker.inspect(item["Id"]).get("Config") or {}).get("Env"))
+                except DockerError as exc:
+                    log.warning("cannot inspect container %s: %s", item.get("Id", "")[:12], exc)
+                    env = {}
+        try:
+            containers.append(Container.from_summary(item, env))
+        except (KeyError, TypeError, AttributeError):
+            log.warning("ignored a container Docker listed without an Id")
+    return containers
+
+
 class ContainerIndex:
     """Source IP -> container: what Docker last reported, plain maps behind one lock, with tombstones.
 
@@ -934,7 +955,7 @@ class DockerWatcher:
             self._started += 1
             ticket = self._started
         try:
-            listing = self._list()
+            listing = list_containers(self._docker, self._index.env_of if self._with_env else None)
         except DockerError as exc:
             ok = False
             self._set_reachable(False, str(exc))
@@ -948,24 +969,6 @@ class DockerWatcher:
             self._finished = max(self._finished, ticket)
             self._changed.notify_all()
         return ok
-
-    def _list(self) -> List[Container]:
-        containers = []
-        for item in self._docker.list_containers():
-            env = None
-            if self._with_env:
-                env = self._index.env_of(item.get("Id"))
-                if env is None:
-                    try:
-                        env = parse_env((self._docker.inspect(item["Id"]).get("Config") or {}).get("Env"))
-                    except DockerError as exc:
-                        log.warning("cannot inspect container %s: %s", item.get("Id", "")[:12], exc)
-                        env = {}
-            try:
-                containers.append(Container.from_summary(item, env))
-            except (KeyError, TypeError, AttributeError):
-                log.warning("ignored a container Docker listed without an Id")
-        return containers
 
     def _set_reachable(self, reachable: bool, error: str = "") -> None:
         if reachable and self.reachable is not True:
@@ -1110,6 +1113,16 @@ def allow_failure(rule: AllowRule, container: Container) -> Optional[str]:
     return None
 
 
+class RoleChoice(NamedTuple):
+    """The alias chosen for a container, with the external id and session policy it asks for."""
+
+    alias: str
+    options: AliasOptions
+    external_id: Optional[str]
+    policy: Optional[str]          # the container's own session policy text, if it gives one
+    policy_source: str             # where that text came from, for messages
+
+
 class RoleResolver:
     """Decides which role a container may use, from its labels, its env (if allowed) or the default."""
 
@@ -1146,45 +1159,59 @@ class RoleResolver:
         return len(self._memo)
 
     def _resolve(self, container: Container) -> Tuple[Optional[RoleSpec], str]:
+        """The container's RoleSpec, or None and why not ("" when it is configured to get none)."""
+        choice, reason = self._choose(container)
+        if choice is None:
+            return None, reason
+        if choice.options.allow is not None:
+            failure = allow_failure(choice.options.allow, container)
+            if failure:
+                return None, f"alias {choice.alias!r} is not allowed for it ({failure})"
+        policy, reason = self._policy(container, choice)
+        if reason:
+            return None, reason
+        return self._spec(container, choice, policy), ""
+
+    def _choose(self, container: Container) -> Tuple[Optional[RoleChoice], str]:
+        """The alias: a static mapping's, the label's, IAM_ROLE's (if envRoles) or the default."""
         config = self._config
         env = container.env or {}
         alias = container.static_alias or container.labels.get(config.alias_label)
-        external_id = None
-        container_policy = container.labels.get(config.policy_label)
+        policy = container.labels.get(config.policy_label)
         policy_source = f"label {config.policy_label}"
         if alias is not None:
             if alias not in config.alias_to_arn:
                 return None, f"label {config.alias_label} names alias {alias!r}, which is not in aliasToARN"
-            options = config.alias_to_arn[alias]
-        elif config.env_roles and env.get("IAM_ROLE"):
+            return RoleChoice(alias, config.alias_to_arn[alias], None, policy, policy_source), ""
+        if config.env_roles and env.get("IAM_ROLE"):
             options, reason = self._env_role(env["IAM_ROLE"])
             if options is None:
                 return None, reason
-            alias = self._arn_aliases.get(options.arn, "IAM_ROLE")
-            external_id = env.get("IAM_EXTERNAL_ID") or None
-            if container_policy is None and env.get("IAM_POLICY"):
-                container_policy, policy_source = env["IAM_POLICY"], "env IAM_POLICY"
-        elif config.default_alias is not None:
-            alias = config.default_alias
-            options = config.alias_to_arn[alias]
-        else:
-            return None, ""   # no label and no defaultAlias: no credentials, as configured
-        if options.allow is not None:
-            failure = allow_failure(options.allow, container)
-            if failure:
-                return None, f"alias {alias!r} is not allowed for it ({failure})"
-        policy = options.policy
-        if container_policy is not None:
+            if policy is None and env.get("IAM_POLICY"):
+                policy, policy_source = env["IAM_POLICY"], "env IAM_POLICY"
+            return RoleChoice(self._arn_aliases.get(options.arn, "IAM_ROLE"), options,
+                              env.get("IAM_EXTERNAL_ID") or None, policy, policy_source), ""
+        if config.default_alias is not None:
+            return RoleChoice(config.default_alias, config.alias_to_arn[config.default_alias],
+                              None, policy, policy_source), ""
+        return None, ""   # no label and no defaultAlias: no credentials, as configured
+
+    def _policy(self, container: Container, choice: RoleChoice) -> Tuple[Optional[str], str]:
+        """The session policy: the alias's own, else the container's (if valid), else defaultPolicy."""
+        policy = choice.options.policy
+        if choice.policy is not None:
             if policy is not None:
                 log.info("container %s: alias %r has its own policy; ignoring the %s",
-                         container.name, alias, policy_source)
+                         container.name, choice.alias, choice.policy_source)
             else:
                 try:
-                    policy = parse_policy(policy_source, container_policy)
+                    policy = parse_policy(choice.policy_source, choice.policy)
                 except ConfigError as exc:
                     return None, f"its session policy is invalid: {exc}"
-        if policy is None:
-            policy = config.default_policy
+        return (policy if policy is not None else self._config.default_policy), ""
+
+    def _spec(self, container: Container, choice: RoleChoice, policy: Optional[str]) -> RoleSpec:
+        config, options = self._config, choice.options
         tags = dict(config.session_tags)
         tags.update(options.session_tags)
         rendered_tags = tuple(sorted(
@@ -1198,12 +1225,12 @@ class RoleResolver:
             session_name=session_safe(render_template(config.session_name, container),
                                       "ec2metaproxy-" + container.short_id),
             policy=policy,
-            external_id=external_id or options.external_id,
+            external_id=choice.external_id or options.external_id,
             policy_arns=options.policy_arns,
             tags=rendered_tags,
             source_identity=source_identity,
             duration=options.session_duration or config.session_duration,
-        ), ""
+        )
 
     def _env_role(self, value: str) -> Tuple[Optional[AliasOptions], str]:
         """Turn an IAM_ROLE value (alias, name, name@account, ARN) into alias options, if allowed."""

@@ -2530,6 +2530,45 @@ class TestDroppingQueueHandler(unittest.TestCase):
         self.assertEqual((queued.msg, queued.args), ("INFO key [redacted]", None))
 
 
+class TestLogWriter(unittest.TestCase):
+
+    def record(self, text):
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, text, (), None)
+        record.msg = text
+        return record
+
+    def test_writes_every_queued_line_in_order_before_it_stops(self):
+        lines, stream = queue.SimpleQueue(), io.StringIO()
+        writer = emp.LogWriter(lines, stream)
+        for number in range(100):
+            lines.put(self.record(f"line {number}"))
+        writer.stop(timeout=5)
+        self.assertEqual(stream.getvalue(), "".join(f"line {number}\n" for number in range(100)))
+
+    def test_a_broken_stream_does_not_end_the_writer(self):
+        class Broken(io.StringIO):
+            def write(self, text):
+                raise OSError("no space left")
+        lines = queue.SimpleQueue()
+        writer = emp.LogWriter(lines, Broken())
+        lines.put(self.record("lost"))
+        self.assertTrue(wait_until(lambda: lines.empty(), timeout=5))   # taken, and its write failed
+        lines.put(self.record("also lost"))   # the writer must still be there to take the next one
+        self.assertTrue(wait_until(lambda: lines.empty(), timeout=5))
+        writer.stop(timeout=5)
+
+
+class TestProxy(unittest.TestCase):
+
+    def test_building_the_proxy_leaves_the_environment_alone(self):
+        saved = os.environ.pop("AWS_EC2_METADATA_DISABLED", None)
+        self.addCleanup(lambda: saved is None or os.environ.update(AWS_EC2_METADATA_DISABLED=saved))
+        config = emp.parse_config(base_config(mock=True, dockerHost="unix:///nonexistent/docker.sock"))
+        proxy = emp.Proxy(config, sts=ShiftedSts(FakeClock()))
+        self.addCleanup(proxy.server.server_close)
+        self.assertNotIn("AWS_EC2_METADATA_DISABLED", os.environ)
+
+
 class ProcessTestCase(unittest.TestCase):
     """Runs ec2metaproxy.py as the operator does, and stops it by its pid."""
 

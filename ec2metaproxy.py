@@ -1596,6 +1596,49 @@ def normalize_path(target: str) -> str:
     return "/" + "/".join(segments) + ("/" if trailing else "")
 
 
+MAX_DECODINGS = 8   # a path still changing after this many percent-decodings is refused anyway
+
+
+def path_readings(path: str) -> List[str]:
+    """Every way a server behind the proxy might read a path: decoded again until it stops
+    changing, with and without `;` parameters, cut at `?` or `#`, case folded."""
+    decoded = path
+    for _ in range(MAX_DECODINGS):
+        again = urllib.parse.unquote(decoded) if "%" in decoded else decoded
+        if again == decoded:
+            break
+        decoded = again
+    readings = []
+    for text in {path, decoded}:
+        text = text.replace("\\", "/").casefold()
+        for variant in (text, text.split("?", 1)[0].split("#", 1)[0]):
+            readings.append(variant)
+            readings.append("/".join(segment.split(";", 1)[0] for segment in variant.split("/")))
+    return readings
+
+
+def names_credentials(path: str) -> bool:
+    """Whether any reading of path names iam/, security-credentials* or identity-credentials."""
+    for reading in path_readings(path):
+        segments: List[str] = []
+        for segment in reading.split("/"):
+            segment = segment.strip()
+            if segment == "..":
+                if segments:
+                    segments.pop()
+            elif segment not in (".", ""):
+                segments.append(segment)
+        for segment in segments:
+            if segment in ("iam", "identity-credentials") or segment.startswith("security-credentials"):
+                return True
+    return False
+
+
+def canonical(path: str) -> bool:
+    """A path decoded once is canonical when no reading differs: no `%` left and no `;`."""
+    return "%" not in path and ";" not in path
+
+
 @dataclasses.dataclass
 class Answer:
     """One response: status, body, extra headers, and who it was for (for the log line)."""
@@ -1838,8 +1881,10 @@ class MetadataService:
             if VALID_VERSION.match(segments[0]) and lower[2] == "iam":
                 return self.iam(path, segments[3:], self.caller(source, resync=True), deadline)
             return Answer(404, NOT_FOUND)
-        if CREDENTIAL_SEGMENTS.intersection(lower):
+        if CREDENTIAL_SEGMENTS.intersection(lower) or names_credentials(path):
             return Answer(404, NOT_FOUND)
+        if not canonical(path):
+            return text_answer(400, "400 - Bad Request")   # only a path every server reads alike is forwarded
         who = container or self.index.lookup(source)
         name = who.name if who is not None else "-"
         try:

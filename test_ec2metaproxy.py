@@ -1598,6 +1598,109 @@ class TestMetadataService(ProxyTestCase):
             self.assertNotIn(secret[:20], logs.text)
 
 
+# Spellings a server that decodes twice, or drops `;` parameters, would read as a credential path.
+DOUBLY_ENCODED_SPELLINGS = [
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam%252fsecurity-credentials%252fhost-role",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252F",
+    "/latest/meta-data/iam%252Fsecurity-credentials-extended%252Fhost-role",
+    "/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2569am/security-credentials/host-role",
+    "/latest/meta-data/iam/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2549AM%252FSecurity-Credentials%252Fhost-role",
+    "/latest/meta-data/iam%25252Fsecurity-credentials%25252Fhost-role",
+    "/latest/meta-data/identity-credentials%252Fec2%252Fsecurity-credentials%252Fec2-instance",
+    "/latest/meta-data/%2569dentity-credentials/ec2/info",
+    "/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252finfo",
+    "/latest/meta-data/%2569am%252Finfo",
+    "/latest/meta-data/x%252F..%252Fiam%252Finfo",
+    "/latest/meta-data/x/%252e%252e/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest%252Fmeta-data%252Fiam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "/latest/meta-data/iam;/security-credentials;/host-role",
+    "/latest/meta-data/iam;x/info",
+    "/latest/meta-data/iam;x/info;y",
+    "/latest/meta-data/identity-credentials;x/ec2/info",
+    "/latest/meta-data/iam%3Bx/security-credentials/host-role",
+    "/latest/meta-data/iam%253Bx/security-credentials/host-role",
+    "/latest/meta-data/IAM;x/SECURITY-CREDENTIALS;y/host-role",
+    "/latest/meta-data/dummy/..;/iam;x/info",
+    "http://169.254.169.254/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "http://169.254.169.254/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "http://169.254.169.254/latest/meta-data/identity-credentials%252Fec2%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "HTTP://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role?x=1",
+    "/latest/meta-data/%252569am/security-credentials/host-role",
+    "/latest/meta-data/iam%252F%252E%252E%252Fiam%252Finfo",
+    "/latest/meta-data/iam\\%252Fsecurity-credentials/host-role",
+]
+# Every reading of these words is the host's credentials or its instance profile.
+FORBIDDEN_WORDS = ("iam", "security-credentials", "security-credentials-extended", "identity-credentials")
+
+# What the proxy asks the host's service on its own (its token, the start-up probe).
+PROBE_PATHS = ("/latest/api/token", "/latest/meta-data/instance-id")
+
+
+def every_reading_of(path):
+    """The test's own reading of a forwarded path: decoded until stable, `;` dropped, case folded."""
+    for _ in range(10):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = path.replace("\\", "/").lower()
+    return {segment.split(";")[0].strip() for segment in path.split("/")} | {
+        segment.strip() for segment in path.split("/")}
+
+
+class TestForwardingRule(ProxyTestCase):
+    """Only a path in its one canonical form is forwarded; no reading of it may name credentials."""
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.start()
+
+    def send(self, target, source):
+        answer = self.fx.raw(b"GET " + target.encode("latin-1") + b" HTTP/1.1\r\nHost: x\r\n"
+                             b"Connection: close\r\n\r\n", source)
+        return int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else None, answer
+
+    def test_doubly_encoded_and_parameter_spellings_are_refused_and_never_forwarded(self):
+        self.assertEqual(len(DOUBLY_ENCODED_SPELLINGS), 36)
+        for source in ("127.0.0.2", "127.0.0.99"):   # a known container and an unknown caller
+            for target in DOUBLY_ENCODED_SPELLINGS:
+                status, answer = self.send(target, source)
+                self.assertIn(status, (400, 404), (target, answer[:80]))
+                self.assertNoHostSecrets(answer)
+        for _, raw_path, _ in self.imds.requests:
+            self.assertFalse(every_reading_of(raw_path).intersection(FORBIDDEN_WORDS), raw_path)
+        self.assertEqual([p for _, p, _ in self.imds.requests if p not in PROBE_PATHS], [])
+
+    def test_every_identity_credentials_path_is_404_and_never_forwarded(self):
+        paths = ["/latest/meta-data/identity-credentials/", "/latest/meta-data/identity-credentials",
+                 "/latest/meta-data/identity-credentials/ec2/info", "/latest/meta-data/identity-credentials/EC2/INFO",
+                 "/latest/meta-data/IDENTITY-CREDENTIALS/ec2/info", "/latest/meta-data/Identity-Credentials/Ec2/Info",
+                 "/latest/meta-data/identity-credentials/ec2/security-credentials/",
+                 "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                 "/2016-09-02/meta-data/identity-credentials/ec2/info", "/latest/meta-data/identity-credentials/x/y/z",
+                 "/latest/meta-data/%69dentity-credentials/ec2/info"]
+        for source in ("127.0.0.2", "127.0.0.99"):
+            for path in paths:
+                self.assertEqual(self.send(path, source)[0], 404, (path, source))
+        self.assertEqual([p for _, p, _ in self.imds.requests if p not in PROBE_PATHS], [])
+
+    def test_canonical_paths_are_still_forwarded(self):
+        for target, status in (("/latest/meta-data/instance-id", 200), ("/latest/meta-data/%69nstance-id", 200),
+                               ("/latest/user-data", 200), ("/latest/meta-data/x/../local-ipv4", 200)):
+            self.assertEqual(self.send(target, "127.0.0.2")[0], status, target)
+        self.assertEqual(self.send("/latest/meta-data/%2569nstance-id", "127.0.0.2")[0], 400)
+        self.assertEqual(self.send("/latest/meta-data/instance-id;x", "127.0.0.2")[0], 400)
+
+
 class TestMigrationEndToEnd(ProxyTestCase):
     """Each convention and option through the proxy and moto's STS, checked at the STS side."""
 

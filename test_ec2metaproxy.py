@@ -497,7 +497,7 @@ def base_config(**overrides):
 class ProxyFixture:
     """A whole proxy in this process on 127.0.0.1, with its own Docker and IMDS stand-ins."""
 
-    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, **config):
+    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=time.time, **config):
         self.tmp = tempfile.mkdtemp(prefix="emp-test-")
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.imds = ImdsStandIn().start()
@@ -507,11 +507,12 @@ class ProxyFixture:
         self.limits = limits
         self.wait_timeout = wait_timeout
         self.sts_rate = sts_rate
+        self.clock = clock
         self.proxy = None
 
     def start(self):
         self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
-                               sts_rate=self.sts_rate)
+                               sts_rate=self.sts_rate, clock=self.clock)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -1310,8 +1311,9 @@ class TestNormalizePath(unittest.TestCase):
         for target, expected in cases.items():
             self.assertEqual(emp.normalize_path(target), expected, target)
         for target in ("latest/meta-data", "*", "/a%00b", "/a%ffb", "/a\x01", "ftp://x/"):
-            with self.assertRaises(emp.BadRequest, msg=target):
+            with self.assertRaises(emp.HttpError, msg=target) as caught:
                 emp.normalize_path(target)
+            self.assertEqual(caught.exception.status, 400)
 
 
 CREDENTIAL_SPELLINGS = [
@@ -1354,8 +1356,70 @@ CREDENTIAL_SPELLINGS = [
 ]
 
 
+# Spellings a server that decodes twice, or drops `;` parameters, would read as a credential path.
+DOUBLY_ENCODED_SPELLINGS = [
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam%252fsecurity-credentials%252fhost-role",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252F",
+    "/latest/meta-data/iam%252Fsecurity-credentials-extended%252Fhost-role",
+    "/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2569am/security-credentials/host-role",
+    "/latest/meta-data/iam/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2549AM%252FSecurity-Credentials%252Fhost-role",
+    "/latest/meta-data/iam%25252Fsecurity-credentials%25252Fhost-role",
+    "/latest/meta-data/identity-credentials%252Fec2%252Fsecurity-credentials%252Fec2-instance",
+    "/latest/meta-data/%2569dentity-credentials/ec2/info",
+    "/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252finfo",
+    "/latest/meta-data/%2569am%252Finfo",
+    "/latest/meta-data/x%252F..%252Fiam%252Finfo",
+    "/latest/meta-data/x/%252e%252e/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest%252Fmeta-data%252Fiam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "/latest/meta-data/iam;/security-credentials;/host-role",
+    "/latest/meta-data/iam;x/info",
+    "/latest/meta-data/iam;x/info;y",
+    "/latest/meta-data/identity-credentials;x/ec2/info",
+    "/latest/meta-data/iam%3Bx/security-credentials/host-role",
+    "/latest/meta-data/iam%253Bx/security-credentials/host-role",
+    "/latest/meta-data/IAM;x/SECURITY-CREDENTIALS;y/host-role",
+    "/latest/meta-data/dummy/..;/iam;x/info",
+    "http://169.254.169.254/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "http://169.254.169.254/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "http://169.254.169.254/latest/meta-data/identity-credentials%252Fec2%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "HTTP://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role?x=1",
+    "/latest/meta-data/%252569am/security-credentials/host-role",
+    "/latest/meta-data/iam%252F%252E%252E%252Fiam%252Finfo",
+    "/latest/meta-data/iam\\%252Fsecurity-credentials/host-role",
+]
+# Every reading of these words is the host's credentials or its instance profile.
+FORBIDDEN_WORDS = ("iam", "security-credentials", "security-credentials-extended", "identity-credentials")
+
+# What the proxy asks the host's service on its own (its token, the start-up probe).
+PROBE_PATHS = ("/latest/api/token", "/latest/meta-data/instance-id")
+
+
+def every_reading_of(path):
+    """The test's own reading of a forwarded path: decoded until stable, `;` dropped, case folded."""
+    for _ in range(10):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = path.replace("\\", "/").lower()
+    return {segment.split(";")[0].strip() for segment in path.split("/")} | {
+        segment.strip() for segment in path.split("/")}
+
+
 class TestMetadataService(ProxyTestCase):
     """The whole request path over HTTP: containers told apart by their 127.0.0.x source address."""
+
+    def make_fixture(self):
+        self.clock = FakeClock()
+        return ProxyFixture(clock=self.clock)
 
     def setUp(self):
         super().setUp()
@@ -1427,9 +1491,8 @@ class TestMetadataService(ProxyTestCase):
                 answers.append((path, status, body, headers))
                 self.assertNoHostSecrets(body, headers)
                 self.assertNotEqual(body, "host-role", path)
-        for forwarded in self.imds.paths():
-            lowered = [segment.lower() for segment in forwarded.split("/")]
-            self.assertFalse(emp.CREDENTIAL_SEGMENTS.intersection(lowered), forwarded)
+        for _, forwarded, _ in self.imds.requests:
+            self.assertFalse(every_reading_of(forwarded).intersection(FORBIDDEN_WORDS), forwarded)
         # The raw request line too (http.client would normalise nothing, but be explicit).
         for raw in (b"GET /latest/meta-data/iam/security-credentials/host-role HTTP/1.1\r\n\r\n",
                     b"GET http://169.254.169.254/latest/meta-data/iam/info HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1517,7 +1580,9 @@ class TestMetadataService(ProxyTestCase):
 
     def test_expired_token_is_401(self):
         token = self.container_token(ttl="1")
-        time.sleep(2.1)
+        self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
+                                         headers={"X-aws-ec2-metadata-token": token})[0], 200)
+        self.clock.now += 1
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
                                          headers={"X-aws-ec2-metadata-token": token})[0], 401)
 
@@ -1544,10 +1609,8 @@ class TestMetadataService(ProxyTestCase):
 
     def test_a_new_container_is_served_on_its_first_request(self):
         new = self.docker.add_container("fresh-1", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "db"})
-        started = time.monotonic()
         status, creds = self.fx.credentials("127.0.0.5", "db-role")
         self.assertEqual(status, 200, creds)
-        self.assertLess(time.monotonic() - started, 1.0)
         # Even without a start event (it was missed): the unknown address triggers one listing.
         self.docker.add_container("silent-1", ["127.0.0.6"], emit=False)
         self.assertEqual(self.fx.credentials("127.0.0.6", "default-role")[0], 200)
@@ -1596,64 +1659,6 @@ class TestMetadataService(ProxyTestCase):
         for secret in (creds["SecretAccessKey"], creds["Token"], token, self.imds.token, HOST_MARKER):
             self.assertNotIn(secret, logs.text)
             self.assertNotIn(secret[:20], logs.text)
-
-
-# Spellings a server that decodes twice, or drops `;` parameters, would read as a credential path.
-DOUBLY_ENCODED_SPELLINGS = [
-    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
-    "/latest/meta-data/iam%252fsecurity-credentials%252fhost-role",
-    "/latest/meta-data/iam%252Fsecurity-credentials%252F",
-    "/latest/meta-data/iam%252Fsecurity-credentials-extended%252Fhost-role",
-    "/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
-    "/latest/meta-data/%2569am/security-credentials/host-role",
-    "/latest/meta-data/iam/%2573ecurity-credentials/host-role",
-    "/latest/meta-data/%2549AM%252FSecurity-Credentials%252Fhost-role",
-    "/latest/meta-data/iam%25252Fsecurity-credentials%25252Fhost-role",
-    "/latest/meta-data/identity-credentials%252Fec2%252Fsecurity-credentials%252Fec2-instance",
-    "/latest/meta-data/%2569dentity-credentials/ec2/info",
-    "/latest/meta-data/iam%252Finfo",
-    "/latest/meta-data/iam%252finfo",
-    "/latest/meta-data/%2569am%252Finfo",
-    "/latest/meta-data/x%252F..%252Fiam%252Finfo",
-    "/latest/meta-data/x/%252e%252e/iam%252Fsecurity-credentials%252Fhost-role",
-    "/latest%252Fmeta-data%252Fiam%252Fsecurity-credentials%252Fhost-role",
-    "/latest/meta-data/iam;x/security-credentials;y/host-role",
-    "/latest/meta-data/iam;/security-credentials;/host-role",
-    "/latest/meta-data/iam;x/info",
-    "/latest/meta-data/iam;x/info;y",
-    "/latest/meta-data/identity-credentials;x/ec2/info",
-    "/latest/meta-data/iam%3Bx/security-credentials/host-role",
-    "/latest/meta-data/iam%253Bx/security-credentials/host-role",
-    "/latest/meta-data/IAM;x/SECURITY-CREDENTIALS;y/host-role",
-    "/latest/meta-data/dummy/..;/iam;x/info",
-    "http://169.254.169.254/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
-    "http://169.254.169.254/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
-    "http://169.254.169.254/latest/meta-data/identity-credentials%252Fec2%252Finfo",
-    "http://169.254.169.254/latest/meta-data/iam%252Finfo",
-    "http://169.254.169.254/latest/meta-data/iam;x/security-credentials;y/host-role",
-    "HTTP://169.254.169.254/latest/meta-data/iam%252Finfo",
-    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role?x=1",
-    "/latest/meta-data/%252569am/security-credentials/host-role",
-    "/latest/meta-data/iam%252F%252E%252E%252Fiam%252Finfo",
-    "/latest/meta-data/iam\\%252Fsecurity-credentials/host-role",
-]
-# Every reading of these words is the host's credentials or its instance profile.
-FORBIDDEN_WORDS = ("iam", "security-credentials", "security-credentials-extended", "identity-credentials")
-
-# What the proxy asks the host's service on its own (its token, the start-up probe).
-PROBE_PATHS = ("/latest/api/token", "/latest/meta-data/instance-id")
-
-
-def every_reading_of(path):
-    """The test's own reading of a forwarded path: decoded until stable, `;` dropped, case folded."""
-    for _ in range(10):
-        decoded = urllib.parse.unquote(path)
-        if decoded == path:
-            break
-        path = decoded
-    path = path.replace("\\", "/").lower()
-    return {segment.split(";")[0].strip() for segment in path.split("/")} | {
-        segment.strip() for segment in path.split("/")}
 
 
 class TestForwardingRule(ProxyTestCase):
@@ -1919,13 +1924,64 @@ class TestHttpServer(ProxyTestCase):
         # And the proxy still serves everyone.
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2")[2], "web-role")
 
-    def test_request_bodies_are_read_and_discarded(self):
+    def test_a_puts_body_is_read_and_dropped_and_the_connection_goes_on(self):
         answer = self.fx.raw(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
                              b"Content-Length: 5\r\n\r\nhello"
-                             b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                             b"GET /latest/meta-data/iam/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
                              b"GET /latest/meta-data/iam/ HTTP/1.1\r\nConnection: close\r\n\r\n", "127.0.0.2")
         self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 3, answer)
+
+    def closed_after_one_answer(self, data):
+        """Send data on one connection; the answers it got, and whether the proxy then closed it."""
+        with socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                      source_address=("127.0.0.2", 0)) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(data)
+            received = b""
+            for _ in range(1000):
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    return received, False
+                except ConnectionResetError:
+                    return received, True
+                if not chunk:
+                    return received, True
+                received += chunk
+            return received, False
+
+    def test_transfer_encoding_and_a_body_on_a_get_are_400_and_close(self):
+        chunked = b"".join(b"1\r\nx\r\n" for _ in range(4096)) + b"0\r\n\r\n"
+        cases = [
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+            b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            b"HEAD /latest/meta-data/instance-id HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+        ]
+        # Chunk sizes that are not plain hex.
+        for size in (b"0x0", b"+0", b"0_0", b"-0", b" 0"):
+            cases.append(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n\r\n")
+        for data in cases:
+            # A request that would be served follows: it must not be.
+            received, closed = self.closed_after_one_answer(
+                data + b"GET /latest/meta-data/iam/ HTTP/1.1\r\n\r\n")
+            self.assertTrue(received.startswith(b"HTTP/1.1 400 "), (data[:90], received[:60]))
+            self.assertEqual(received.count(b"HTTP/1.1 "), 1, (data[:90], received))
+            self.assertIn(b"Connection: close", received)
+            self.assertTrue(closed, data[:90])
+
+    def test_a_bare_lf_request_pipelined_before_a_crlf_request_gets_two_answers(self):
+        answer = self.fx.raw(b"GET /latest/meta-data/iam/ HTTP/1.1\nHost: a\n\n"
+                             b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+                             "127.0.0.2")
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+        self.assertTrue(answer.endswith(b"web-role"), answer)
+        answer = self.fx.raw(b"GET /latest/meta-data/iam/ HTTP/1.1\r\nHost: a\n\r\n"
+                             b"GET /latest/meta-data/iam/ HTTP/1.1\nConnection: close\n\n", "127.0.0.2")
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
 
 
 #####################################################################
@@ -2079,11 +2135,9 @@ class TestHostileInput(ProxyTestCase):
         self.docker.add_container("bad-1", ["127.0.0.66"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
         self.start()
 
-    def assertServesGoodContainer(self, within=1.0):
-        started = time.monotonic()
+    def assertServesGoodContainer(self):
         status, body = self.fx.credentials("127.0.0.2", "web-role")
         self.assertEqual(status, 200, body)
-        self.assertLess(time.monotonic() - started, within)
 
     def test_random_bytes_never_reach_host_credentials(self):
         import random
@@ -2119,7 +2173,6 @@ class TestHostileInput(ProxyTestCase):
                         break
                     data += chunk
             self.assertIn(data[:12], (b"", b"HTTP/1.1 408"))
-        self.assertLess(time.monotonic() - started, 5)
         # A header sent one byte at a time is cut off at the request timeout, not kept alive by each byte.
         with socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
                                       source_address=("127.0.0.66", 0)) as slow:
@@ -2136,18 +2189,16 @@ class TestHostileInput(ProxyTestCase):
             with contextlib.suppress(OSError):
                 answer = slow.recv(4096)
             self.assertTrue(answer.startswith(b"HTTP/1.1 408") or answer == b"", answer)
-            self.assertLess(time.monotonic() - started, 4)
 
     def test_a_body_trickling_in_is_cut_off_at_the_request_timeout(self):
         with socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
                                       source_address=("127.0.0.66", 0)) as slow:
             slow.sendall(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n")
-            started = time.monotonic()
+                         b"Content-Length: 100\r\n\r\n")
             answer = b""
-            for _ in range(20):   # a trailer line every 0.5 s: each one alone would beat a per-read timeout
+            for _ in range(20):   # a byte every 0.5 s: each one alone would beat a per-read timeout
                 try:
-                    slow.sendall(b"X-T: 1\r\n")
+                    slow.sendall(b"x")
                     time.sleep(0.5)
                     slow.setblocking(False)
                     answer = slow.recv(4096)
@@ -2157,7 +2208,6 @@ class TestHostileInput(ProxyTestCase):
                 except OSError:
                     break
             self.assertTrue(answer.startswith(b"HTTP/1.1 408") or answer == b"", answer)
-            self.assertLess(time.monotonic() - started, 4)
 
     def test_connection_caps_per_source_and_in_total(self):
         held = []
@@ -2165,14 +2215,18 @@ class TestHostileInput(ProxyTestCase):
         for _ in range(8):
             held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
                                                  source_address=("127.0.0.66", 0)))
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 8))
         answer = self.fx.raw(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\n\r\n", "127.0.0.66")
         self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
         self.assertServesGoodContainer()
-        for number in range(60):   # fill the total cap from many sources
+        for sock in held:
+            sock.close()
+        held.clear()
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 0))
+        for number in range(64):   # fill the total cap, one connection per source: none to reclaim
             held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
                                                  source_address=(f"127.0.2.{number + 1}", 0)))
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 64))
         answer = self.fx.raw(b"GET / HTTP/1.1\r\n\r\n", "127.0.0.2")
         self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
         for sock in held:
@@ -2203,20 +2257,77 @@ class TestHostileInput(ProxyTestCase):
         for thread in flooders:
             thread.start()
         time.sleep(0.3)
-        latencies = []
         try:
             for _ in range(20):
-                started = time.monotonic()
                 self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
-                latencies.append(time.monotonic() - started)
                 time.sleep(0.05)
         finally:
             stop.set()
             for thread in flooders:
                 thread.join(10)
         self.assertGreater(counts[429], 0, counts)    # the flood was throttled...
-        self.assertGreater(counts[200], 0, counts)    # ...not cut off
-        self.assertLess(max(latencies), 1.0)          # and the others were answered within SDK time-outs
+        self.assertGreater(counts[200], 0, counts)    # ...not cut off, and the others were served
+
+    def test_after_a_429_the_connection_closes_and_what_it_pipelined_is_dropped(self):
+        request = (b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n"
+                   b"Content-Length: 0\r\n\r\n")
+        received, closed = b"", False
+        with socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                      source_address=("127.0.0.66", 0)) as sock:
+            for _ in range(8):   # 400 requests, 50 per write: twice the burst of 200
+                with contextlib.suppress(OSError):
+                    sock.sendall(request * 50)
+            for _ in range(10000):
+                try:
+                    chunk = sock.recv(65536)
+                except (socket.timeout, ConnectionResetError):
+                    closed = True   # a reset: the proxy closed with requests unread
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+        self.assertTrue(closed)
+        self.assertLessEqual(received.count(b"HTTP/1.1 429 "), 1, received.count(b"HTTP/1.1 429 "))
+        self.assertLess(received.count(b"HTTP/1.1 "), 400)
+        self.assertServesGoodContainer()
+
+    def fill_the_cap(self, slow):
+        """8 sources holding 8 connections each: the cap of 64. Idle ones, or half-sent heads (slow)."""
+        held = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        for number in range(64):
+            sock = socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                            source_address=(f"127.0.3.{number % 8 + 1}", 0))
+            if slow:
+                sock.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\nX-Slow: ")
+            held.append(sock)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 64))
+        return held
+
+    def closed_by_the_proxy(self, held):
+        closed = []
+        for sock in held:
+            sock.setblocking(False)
+            try:
+                closed.append(sock.recv(4096) == b"")
+            except BlockingIOError:
+                closed.append(False)
+            except OSError:
+                closed.append(True)
+        return sum(closed)
+
+    def test_a_newcomer_is_admitted_when_idle_connections_fill_the_cap(self):
+        held = self.fill_the_cap(slow=False)
+        self.assertServesGoodContainer()   # a source holding none
+        self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
+        self.assertEqual(self.closed_by_the_proxy(held), 1)   # one made room; the rest still open
+
+    def test_a_newcomer_is_admitted_when_slow_connections_fill_the_cap(self):
+        held = self.fill_the_cap(slow=True)
+        self.assertServesGoodContainer()
+        self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
+
 
 class TestTokenStorage(ProxyTestCase):
     """IMDSv2 tokens are stateless: a flood of token requests stores nothing."""

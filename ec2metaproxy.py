@@ -2061,7 +2061,7 @@ class Connection:
     def __init__(self, source: str, sock: socket.socket, now: float):
         self.source = source
         self.sock = sock
-        self.state = self.BUSY
+        self.state = self.IDLE   # until its first request arrives: a connection that sends nothing is idle
         self.since = now
         self.open = True
 
@@ -2102,6 +2102,7 @@ class Admission:
             self._total += 1
             self._per_source[source] = held + 1
             conn = Connection(source, sock, self.clock())
+            self._idle[conn] = None
         if victim is not None:
             with contextlib.suppress(OSError):
                 victim.sock.shutdown(socket.SHUT_RDWR)   # its thread wakes, finds it closed, and ends
@@ -2127,10 +2128,10 @@ class Admission:
             self._idle.pop(conn, None)
             self._reading.pop(conn, None)
             conn.state = state
-            conn.since = self.clock()
             if state == Connection.IDLE:
                 self._idle[conn] = None
             elif state == Connection.READING:
+                conn.since = self.clock()
                 self._reading[conn] = None
         return True
 
@@ -2207,7 +2208,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.admission = server.admission
         self.clock = server.clock
         self.wall_clock = server.wall_clock
-        self.keep_alive_header = f"Keep-Alive: timeout={int(self.limits.idle_timeout)}\r\n"
+        self.keep_alive_header = server.keep_alive_header
         self.buffer = b""
 
     def handle(self):
@@ -2272,7 +2273,8 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 if not self.admission.mark(self.conn, Connection.READING):
                     return None
             if deadline is None:
-                if not self.admission.mark(self.conn, Connection.IDLE):
+                # A new connection starts idle: marking it costs its first request nothing.
+                if self.conn.state != Connection.IDLE and not self.admission.mark(self.conn, Connection.IDLE):
                     return None
                 timeout = limits.idle_timeout
             else:
@@ -2437,6 +2439,7 @@ class MetadataProxyServer(socketserver.TCPServer):
         self.clock = clock
         self.wall_clock = wall_clock
         self.admission = Admission(limits, clock)
+        self.keep_alive_header = f"Keep-Alive: timeout={int(limits.idle_timeout)}\r\n"
         self._admitted: Dict[socket.socket, Connection] = {}   # verify_request -> process_request (accept thread)
         self._lock = threading.Lock()
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()

@@ -1414,6 +1414,29 @@ def every_reading_of(path):
         segment.strip() for segment in path.split("/")}
 
 
+class TestMetadataUpstream(unittest.TestCase):
+    """The host's service: its own IMDSv2 token, taken again on a 401; failures are 502 or 504."""
+
+    def setUp(self):
+        self.imds = ImdsStandIn().start()
+        self.addCleanup(self.imds.stop)
+
+    def test_forwards_with_its_own_token_and_takes_a_new_one_after_a_401(self):
+        self.imds.require_token = True
+        upstream = emp.MetadataUpstream(self.imds.url)
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data/instance-id"), (200, None, b"i-0host0000000000"))
+        self.imds.token = "host-imds-token-rotated"   # the service restarted
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data/instance-id")[0], 200)
+        self.assertEqual([method for method, _, _ in self.imds.requests], ["PUT", "GET", "GET", "PUT", "GET"])
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data")[:2], (301, "http://169.254.169.254/latest/meta-data/"))
+
+    def test_an_unreachable_service_is_502(self):
+        upstream = emp.MetadataUpstream(f"http://127.0.0.1:{free_port()}", connect_timeout=0.5)
+        with self.assertRaises(emp.HttpError) as caught:
+            upstream.fetch("GET", "/latest/meta-data/instance-id")
+        self.assertEqual(caught.exception.status, 502)
+
+
 class TestMetadataService(ProxyTestCase):
     """The whole request path over HTTP: containers told apart by their 127.0.0.x source address."""
 
@@ -1853,6 +1876,84 @@ class TestRequireTokens(ProxyTestCase):
 
 #####################################################################
 # HTTP server #######################################################
+
+class StubSocket:
+    """Stands in for an admitted connection's socket: records the proxy shutting it down."""
+
+    def __init__(self):
+        self.shut = False
+
+    def shutdown(self, how):
+        self.shut = True
+
+
+class TestAdmission(unittest.TestCase):
+    """Caps per source and in total, the request rate, and who makes room for a newcomer."""
+
+    limits = emp.Limits(max_connections=6, max_per_source=3, rate_per_source=10.0, burst_per_source=2.0)
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.admission = emp.Admission(self.limits, self.clock)
+
+    def open(self, source, state=None):
+        sock = StubSocket()
+        conn = self.admission.open(source, sock)
+        if conn is not None and state is not None:
+            self.assertTrue(self.admission.mark(conn, state))
+        return conn, sock
+
+    def test_caps_per_source_and_in_total_with_nothing_to_reclaim(self):
+        first = [self.open("10.0.0.1", emp.Connection.BUSY) for _ in range(3)]
+        self.assertIsNone(self.open("10.0.0.1")[0])
+        others = [self.open(f"10.0.1.{n}") for n in range(3)]   # idle, but their sources hold one each
+        self.assertEqual(self.admission.total, 6)
+        self.assertIsNone(self.open("10.0.2.1")[0])
+        self.assertEqual([sock.shut for _, sock in first + others], [False] * 6)
+        self.admission.close(first[0][0])
+        self.admission.close(first[0][0])   # closing twice releases once
+        self.assertEqual(self.admission.total, 5)
+        self.assertIsNotNone(self.open("10.0.2.1")[0])
+
+    def test_a_newcomer_gets_the_oldest_idle_connection_of_a_source_holding_more(self):
+        greedy = [self.open("10.0.0.1") for _ in range(3)]
+        other = [self.open("10.0.0.2") for _ in range(3)]
+        self.assertTrue(self.admission.mark(greedy[0][0], emp.Connection.BUSY))   # answering: never reclaimed
+        conn, _ = self.open("10.0.0.3")
+        self.assertIsNotNone(conn)
+        self.assertEqual([sock.shut for _, sock in greedy + other], [False, True, False, False, False, False])
+        self.assertEqual(self.admission.total, 6)
+        self.assertFalse(self.admission.mark(greedy[1][0], emp.Connection.BUSY))   # the reclaimed one closes
+
+    def test_then_a_slow_connection_of_the_source_holding_the_most(self):
+        two = [self.open("10.0.0.1", emp.Connection.BUSY) for _ in range(2)]
+        three = [self.open("10.0.0.2", emp.Connection.BUSY) for _ in range(3)]
+        self.open("10.0.0.4", emp.Connection.BUSY)
+        self.admission.mark(two[0][0], emp.Connection.READING)
+        self.clock.now += 1
+        self.admission.mark(three[2][0], emp.Connection.READING)   # the longest-running half-sent head
+        self.clock.now += 1
+        self.admission.mark(three[1][0], emp.Connection.READING)
+        self.assertIsNotNone(self.open("10.0.0.5")[0])
+        self.assertEqual([sock.shut for _, sock in two + three], [False, False, False, False, True])
+
+    def test_request_rate_per_source(self):
+        self.assertEqual([self.admission.allow_request("10.0.0.1") for _ in range(3)], [True, True, False])
+        self.assertTrue(self.admission.allow_request("10.0.0.2"))
+        self.clock.now += 0.15   # 10 a second: one more, and half of the next
+        self.assertEqual([self.admission.allow_request("10.0.0.1") for _ in range(2)], [True, False])
+
+    def test_draining_refuses_newcomers_and_closes_idle_connections(self):
+        idle = self.open("10.0.0.1")
+        busy = self.open("10.0.0.2", emp.Connection.BUSY)
+        self.assertFalse(self.admission.drain(0))
+        self.assertEqual((idle[1].shut, busy[1].shut), (True, False))
+        self.assertIsNone(self.open("10.0.0.3")[0])
+        self.assertFalse(self.admission.mark(busy[0], emp.Connection.IDLE))
+        self.admission.close(idle[0])
+        self.admission.close(busy[0])
+        self.assertTrue(self.admission.drain(0))
+
 
 class TestHttpServer(ProxyTestCase):
     """HTTP/1.1 done right, and bad requests answered the way IMDS would."""

@@ -2357,7 +2357,7 @@ class TestHostileInput(ProxyTestCase):
         flooders = [threading.Thread(target=flood) for _ in range(4)]
         for thread in flooders:
             thread.start()
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: counts[429] > 0))   # the flood is on
         try:
             for _ in range(20):
                 self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)

@@ -2185,70 +2185,18 @@ class Admission:
             return self._drained.wait_for(lambda: self._total == 0, timeout)
 
 
-@functools.lru_cache(maxsize=4)
-def http_date(second: int) -> str:
-    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+class RequestReader:
+    """Reads whole requests off one connection, linear in what arrives and within Limits,
+    and tells Admission whether the connection is idle, half-sent or busy."""
 
-
-class ImdsRequestHandler(socketserver.BaseRequestHandler):
-    """Serves one connection, one request at a time: read, answer, log, send (handle_one_request).
-
-    It reads its parts from the server once (service, limits, admission, clocks) and
-    reports its connection's state to Admission; it never touches another connection.
-    """
-
-    def __init__(self, request, client_address, server, conn: Connection):
+    def __init__(self, sock: socket.socket, conn: Connection, admission: Admission, limits: Limits,
+                 clock: Callable[[], float]):
+        self.sock = sock
         self.conn = conn
-        super().__init__(request, client_address, server)
-
-    def setup(self):
-        server = self.server
-        self.service = server.service
-        self.limits = server.limits
-        self.admission = server.admission
-        self.clock = server.clock
-        self.wall_clock = server.wall_clock
-        self.keep_alive_header = server.keep_alive_header
+        self.admission = admission
+        self.limits = limits
+        self.clock = clock
         self.buffer = b""
-
-    def handle(self):
-        while self.handle_one_request():
-            pass
-
-    def handle_one_request(self) -> bool:
-        """Read one request, answer it, log it and send the answer; False when the connection is done."""
-        request = None
-        started = time.perf_counter()
-        try:
-            head = self.read_head()
-            if head is None:
-                return False
-            started = time.perf_counter()   # the request is here: idle time is not its time
-            parsed = self.parse_request(head)
-            self.discard_body(parsed)
-            request = parsed   # read whole: the connection can go on after this one
-            if not self.admission.allow_request(request.source):
-                raise HttpError(429, "over the request rate", close=True)
-            answer = self.service.answer(request)
-            keep = self.keep_alive(request)
-        except HttpError as exc:
-            # The one place a refusal becomes an answer. One the reader raised leaves the
-            # stream where no next request can be found: the connection closes.
-            answer, keep = error_answer(exc), request is not None and not exc.close and self.keep_alive(request)
-            self.log_error(request, exc)
-        except CredentialError as exc:
-            log.debug("no credentials for %s: %s", request.container, exc)
-            answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
-        except OSError:
-            return False
-        except Exception:   # a bug must cost one request, not the connection thread's silence
-            log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
-                          self.conn.source)
-            answer, keep = text_answer(500, "500 - Internal Server Error"), False
-        # Logged before the answer goes out: once a client has its answer it opens its next
-        # connection, and work left after sending would pile up behind it.
-        self.log_request(request, answer.status, started)
-        return self.send(request, answer, keep) and keep
 
     def read_head(self) -> Optional[bytes]:
         """The next request's head once all of it is here; None on a clean close or an idle timeout."""
@@ -2281,9 +2229,9 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 timeout = deadline - self.clock()
                 if timeout <= 0:
                     raise HttpError(408, "request not received in time")
-            self.request.settimeout(timeout)
+            self.sock.settimeout(timeout)
             try:
-                chunk = self.request.recv(65536)
+                chunk = self.sock.recv(65536)
             except socket.timeout:
                 if deadline is None:
                     return None
@@ -2292,7 +2240,8 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 return None
             buffer += chunk
 
-    def parse_request(self, head: bytes) -> Request:
+    def parse(self, head: bytes) -> Request:
+        """The request line and headers; any malformation is HttpError."""
         limits = self.limits
         if b"\0" in head:
             raise HttpError(400, "NUL byte in request")
@@ -2356,15 +2305,80 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             timeout = deadline - self.clock()
             if timeout <= 0:
                 raise HttpError(408, "request body not received in time")
-            self.request.settimeout(timeout)
+            self.sock.settimeout(timeout)
             try:
-                chunk = self.request.recv(65536)
+                chunk = self.sock.recv(65536)
             except socket.timeout:
                 raise HttpError(408, "request body not received in time") from None
             if not chunk:
                 raise HttpError(400, "connection closed inside the body")
             remaining -= len(chunk)
         self.buffer = chunk[len(chunk) + remaining:]
+
+@functools.lru_cache(maxsize=4)
+def http_date(second: int) -> str:
+    """The Date header's text; made once a second, not once a request."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+
+
+class ImdsRequestHandler(socketserver.BaseRequestHandler):
+    """Serves one connection, one request at a time: read, answer, log, send (handle_one_request).
+
+    It takes its parts from the server once (service, limits, admission, clocks); its
+    RequestReader reports the connection's state to Admission. It never touches another connection.
+    """
+
+    def __init__(self, request, client_address, server, conn: Connection):
+        self.conn = conn
+        super().__init__(request, client_address, server)
+
+    def setup(self):
+        server = self.server
+        self.service = server.service
+        self.limits = server.limits
+        self.admission = server.admission
+        self.wall_clock = server.wall_clock
+        self.keep_alive_header = server.keep_alive_header
+        self.reader = RequestReader(self.request, self.conn, server.admission, server.limits, server.clock)
+
+    def handle(self):
+        while self.handle_one_request():
+            pass
+
+    def handle_one_request(self) -> bool:
+        """Read one request, answer it, log it and send the answer; False when the connection is done."""
+        request = None
+        started = time.perf_counter()
+        try:
+            head = self.reader.read_head()
+            if head is None:
+                return False
+            started = time.perf_counter()   # the request is here: idle time is not its time
+            parsed = self.reader.parse(head)
+            self.reader.discard_body(parsed)
+            request = parsed   # read whole: the connection can go on after this one
+            if not self.admission.allow_request(request.source):
+                raise HttpError(429, "over the request rate", close=True)
+            answer = self.service.answer(request)
+            keep = self.keep_alive(request)
+        except HttpError as exc:
+            # The one place a refusal becomes an answer. One the reader raised leaves the
+            # stream where no next request can be found: the connection closes.
+            answer, keep = error_answer(exc), request is not None and not exc.close and self.keep_alive(request)
+            self.log_error(request, exc)
+        except CredentialError as exc:
+            log.debug("no credentials for %s: %s", request.container, exc)
+            answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
+        except OSError:
+            return False
+        except Exception:   # a bug must cost one request, not the connection thread's silence
+            log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
+                          self.conn.source)
+            answer, keep = text_answer(500, "500 - Internal Server Error"), False
+        # Logged before the answer goes out: once a client has its answer it opens its next
+        # connection, and work left after sending would pile up behind it.
+        self.log_request(request, answer.status, started)
+        return self.send(request, answer, keep) and keep
 
     def keep_alive(self, request: Request) -> bool:
         connection = request.headers.get("connection", "").lower()

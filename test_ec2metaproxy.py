@@ -1955,6 +1955,58 @@ class TestAdmission(unittest.TestCase):
         self.assertTrue(self.admission.drain(0))
 
 
+class TestRequestReader(unittest.TestCase):
+    """Whole requests off one socket (a socketpair here), whatever pieces they arrive in."""
+
+    def setUp(self):
+        self.client, server_side = socket.socketpair()
+        self.addCleanup(self.client.close)
+        self.addCleanup(server_side.close)
+        self.admission = emp.Admission(emp.Limits(request_timeout=2.0, idle_timeout=2.0))
+        self.conn = self.admission.open("10.0.0.1", server_side)
+        self.reader = emp.RequestReader(server_side, self.conn, self.admission, emp.Limits(request_timeout=2.0,
+                                        idle_timeout=2.0), time.monotonic)
+
+    def next_request(self):
+        head = self.reader.read_head()
+        if head is None:
+            return None
+        request = self.reader.parse(head)
+        self.reader.discard_body(request)
+        return request
+
+    def test_heads_end_at_the_first_empty_line_crlf_or_bare_lf(self):
+        self.client.sendall(b"GET /a HTTP/1.1\nHost: x\n\nGET /b HTTP/1.1\r\n\r\n"
+                            b"PUT /c HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyzGET /d HTTP/1.0\n\r\n")
+        self.client.shutdown(socket.SHUT_WR)
+        requests = [self.next_request() for _ in range(5)]
+        self.assertEqual([(r.method, r.target, r.version) for r in requests[:4]],
+                         [("GET", "/a", "HTTP/1.1"), ("GET", "/b", "HTTP/1.1"), ("PUT", "/c", "HTTP/1.1"),
+                          ("GET", "/d", "HTTP/1.0")])
+        self.assertEqual(requests[0].headers, {"host": "x"})
+        self.assertIsNone(requests[4])   # a clean close
+
+    def test_a_head_in_pieces_marks_the_connection_slow_until_it_is_whole(self):
+        self.client.sendall(b"GET /a HTTP/1.1\r\nX-Slow: 1\r\n")   # the empty line split across two reads
+        found = []
+        thread = threading.Thread(target=lambda: found.append(self.next_request()))
+        thread.start()
+        self.assertTrue(wait_until(lambda: self.conn.state == emp.Connection.READING))
+        self.client.sendall(b"\r\n")
+        thread.join(5)
+        self.assertEqual(found[0].headers, {"x-slow": "1"})
+        self.assertEqual(self.conn.state, emp.Connection.BUSY)
+
+    def test_bodies_imds_would_not_take_are_400(self):
+        for head in (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n"):
+            request = self.reader.parse(head.rstrip(b"\r\n"))
+            with self.assertRaises(emp.HttpError) as caught:
+                self.reader.discard_body(request)
+            self.assertEqual(caught.exception.status, 400, head)
+
+
 class TestHttpServer(ProxyTestCase):
     """HTTP/1.1 done right, and bad requests answered the way IMDS would."""
 

@@ -2370,15 +2370,20 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             log.debug("no credentials for %s: %s", request.container, exc)
             answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
         except OSError:
-            return False
+            if request is None:
+                return False   # the connection broke while the request was being read
+            answer, keep = self.internal_error(request), False
         except Exception:   # a bug must cost one request, not the connection thread's silence
-            log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
-                          self.conn.source)
-            answer, keep = text_answer(500, "500 - Internal Server Error"), False
+            answer, keep = self.internal_error(request), False
         # Logged before the answer goes out: once a client has its answer it opens its next
         # connection, and work left after sending would pile up behind it.
         self.log_request(request, answer.status, started)
         return self.send(request, answer, keep) and keep
+
+    def internal_error(self, request: Optional[Request]) -> Answer:
+        log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
+                      self.conn.source)
+        return text_answer(500, "500 - Internal Server Error")
 
     def keep_alive(self, request: Request) -> bool:
         connection = request.headers.get("connection", "").lower()

@@ -2137,6 +2137,75 @@ class TestHttpServer(ProxyTestCase):
         self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
 
 
+class ScriptedService:
+    """Stands in for MetadataService: each path answers with, or raises, what the test gives."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def answer(self, request):
+        outcome = self.script[request.target]
+        if isinstance(outcome, Exception):
+            raise outcome
+        request.container = "scripted"
+        return outcome
+
+
+class TestMetadataProxyServer(unittest.TestCase):
+    """The server with a scripted service: every refusal becomes one answer, in one place."""
+
+    def setUp(self):
+        script = {
+            "/ok": emp.Answer(200, b"fine"),
+            "/gone": emp.HttpError(404, "not here"),
+            "/abuse": emp.HttpError(400, "refused", close=True),
+            "/allow": emp.HttpError(405, "wrong method", headers=(("Allow", "PUT"),)),
+            "/sts": emp.CredentialError("Throttling", "slow down"),
+            "/bug": RuntimeError("a bug"),
+            "/oserror": OSError("a bug that looks like a broken connection"),
+        }
+        self.wall = FakeClock()
+        self.wall.now = 1767225600.0   # Thu, 01 Jan 2026 00:00:00 GMT
+        self.server = emp.MetadataProxyServer(("127.0.0.1", 0), ScriptedService(script), wall_clock=self.wall)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+
+    def exchange(self, *paths):
+        """Send the requests on one connection; the raw answers until the server closes or 2 s pass."""
+        data = b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode() for path in paths[:-1])
+        data += b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % paths[-1].encode()
+        with socket.create_connection(self.server.server_address[:2], timeout=2) as sock:
+            sock.sendall(data)
+            received = b""
+            with contextlib.suppress(socket.timeout):
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return received, True
+                    received += chunk
+            return received, False
+
+    def test_refusals_are_answered_and_keep_the_connection_unless_abusive(self):
+        received, closed = self.exchange("/gone", "/allow", "/sts", "/ok", "/abuse", "/ok")
+        statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", received)
+        self.assertEqual(statuses, [b"404", b"405", b"503", b"200", b"400"])
+        self.assertTrue(closed)
+        self.assertIn(b"\r\n\r\n404 - Not Found", received)
+        self.assertIn(b"Allow: PUT\r\n", received)
+        self.assertIn(b'"Code": "Throttling"', received)
+        self.assertIn(b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n", received)   # the injected wall clock
+
+    def test_a_bug_costs_one_request_a_500_and_the_connection(self):
+        for path in ("/bug", "/oserror"):
+            with LogCapture() as logs:
+                received, closed = self.exchange(path, "/ok")
+            self.assertEqual(re.findall(rb"HTTP/1.1 (\d{3}) ", received), [b"500"], path)
+            self.assertTrue(closed)
+            self.assertIn("error answering", logs.text)
+        self.assertEqual(re.findall(rb"HTTP/1.1 (\d{3}) ", self.exchange("/ok")[0]), [b"200"])
+
+
 #####################################################################
 # Resilience ########################################################
 # Across the sections: dependencies failing, hostile clients, churn.

@@ -2442,6 +2442,7 @@ class MetadataProxyServer(socketserver.TCPServer):
     starting a thread each time.
     """
 
+    # TCPServer, not HTTPServer: that one's server_bind does a reverse DNS lookup of the address.
     allow_reuse_address = True
     request_queue_size = 1024
     worker_idle = 10.0   # seconds a connection thread waits for the next connection
@@ -2469,7 +2470,7 @@ class MetadataProxyServer(socketserver.TCPServer):
         if self.address_family == socket.AF_INET6:
             # Dual-stack, like Go's ":18000": IPv4 callers arrive as ::ffff:a.b.c.d.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        socketserver.TCPServer.server_bind(self)
+        super().server_bind()
         self._family = int(self.address_family)
 
     def get_request(self):

@@ -1315,6 +1315,19 @@ class TestNormalizePath(unittest.TestCase):
                 emp.normalize_path(target)
             self.assertEqual(caught.exception.status, 400)
 
+    def test_readings_that_name_credentials_and_the_canonical_form(self):
+        for path in ("/latest/meta-data/iam%2Fsecurity-credentials%2Fx", "/latest/meta-data/%69am/info",
+                     "/latest/meta-data/iam;x/info", "/latest/meta-data/x;/../IDENTITY-CREDENTIALS/ec2",
+                     "/latest/dynamic/Security-Credentials-Extended", "/latest/meta-data/ iam /info",
+                     "/latest/meta-data/x/%252e%252e/%2569am", "/latest/meta-data/iam?/../info"):
+            self.assertTrue(emp.names_credentials(path), path)
+        for path in ("/latest/meta-data/instance-id", "/latest/meta-data/iamx", "/latest/user-data",
+                     "/latest/meta-data/placement/availability-zone", "/latest/meta-data/credentials"):
+            self.assertFalse(emp.names_credentials(path), path)
+        self.assertTrue(emp.canonical("/latest/meta-data/instance-id"))
+        self.assertFalse(emp.canonical("/latest/meta-data/%69nstance-id"))
+        self.assertFalse(emp.canonical("/latest/meta-data/instance-id;v=1"))
+
 
 CREDENTIAL_SPELLINGS = [
     "/latest/meta-data/iam/security-credentials/host-role",

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
 import heapq
 import hmac
@@ -42,7 +43,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from http.server import ThreadingHTTPServer
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("ec2metaproxy")
@@ -1707,12 +1707,30 @@ class ContainerLifecycle:
 # Owns IMDSv2 tokens, path normalisation, and the routing of one request:
 # answered here (tokens, credentials), forwarded to the host IMDS, or refused.
 
-TOKEN_PATH = ("latest", "api", "token")
 TOKEN_TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "x-aws-ec2-metadata-token"
-# Segments that name credentials: a path holding one is answered here or refused, never forwarded.
-CREDENTIAL_SEGMENTS = {"iam", "security-credentials", "security-credentials-extended",
-                       "identity-credentials"}
+MAX_TOKEN_TTL = 21600   # seconds: the longest token IMDS itself issues
+STATUS_TEXT = {
+    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
+    414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+class HttpError(Exception):
+    """A request refused with an HTTP status: raised anywhere, answered in one place (the handler).
+
+    close: the client did something it should not have, and loses its connection.
+    """
+
+    def __init__(self, status: int, reason: str = "", close: bool = False,
+                 headers: Tuple[Tuple[str, str], ...] = ()):
+        super().__init__(reason or STATUS_TEXT[status])
+        self.status = status
+        self.close = close
+        self.headers = headers
 
 
 class TokenIssuer:
@@ -1721,36 +1739,36 @@ class TokenIssuer:
     Nothing is stored per token, so a flood of token requests cannot grow memory.
     """
 
+    # A token is base64url without padding of: expiry (big-endian seconds) | nonce | MAC.
+    EXPIRY_BYTES = 8
+    NONCE_BYTES = 8
+    PAYLOAD_BYTES = EXPIRY_BYTES + NONCE_BYTES   # 16
+    MAC_BYTES = 24                               # a truncated HMAC-SHA256
+    TOKEN_BYTES = PAYLOAD_BYTES + MAC_BYTES      # 40
+    TOKEN_LENGTH = 54                            # characters: 40 bytes in base64, padding dropped
+
     def __init__(self, key: Optional[bytes] = None, clock: Callable[[], float] = time.time):
         self._key = key or secrets.token_bytes(32)
         self._clock = clock
 
     def _mac(self, payload: bytes, binding: str) -> bytes:
-        return hmac.new(self._key, payload + binding.encode(), hashlib.sha256).digest()[:24]
+        return hmac.new(self._key, payload + binding.encode(), hashlib.sha256).digest()[:self.MAC_BYTES]
 
     def issue(self, binding: str, ttl: int) -> str:
-        payload = struct.pack(">Q", int(self._clock()) + ttl) + secrets.token_bytes(8)
+        payload = struct.pack(">Q", int(self._clock()) + ttl) + secrets.token_bytes(self.NONCE_BYTES)
         return base64.urlsafe_b64encode(payload + self._mac(payload, binding)).decode().rstrip("=")
 
     def valid(self, token: str, binding: str) -> bool:
-        if len(token) != 54:
+        if len(token) != self.TOKEN_LENGTH:
             return False
         try:
             raw = base64.urlsafe_b64decode(token + "==")
         except ValueError:
             return False
-        payload, mac = raw[:16], raw[16:]
-        if len(raw) != 40 or not hmac.compare_digest(mac, self._mac(payload, binding)):
+        payload, mac = raw[:self.PAYLOAD_BYTES], raw[self.PAYLOAD_BYTES:]
+        if len(raw) != self.TOKEN_BYTES or not hmac.compare_digest(mac, self._mac(payload, binding)):
             return False
-        return self._clock() < struct.unpack(">Q", payload[:8])[0]
-
-
-class BadRequest(Exception):
-    """The request cannot be understood; status is the HTTP status to answer with."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
+        return self._clock() < struct.unpack(">Q", payload[:self.EXPIRY_BYTES])[0]
 
 
 def normalize_path(target: str) -> str:
@@ -1763,60 +1781,120 @@ def normalize_path(target: str) -> str:
         if target[:7].lower() == "http://" or target[:8].lower() == "https://":
             target = "/" + target.split("://", 1)[1].partition("/")[2]
         else:
-            raise BadRequest(400, "request target is not a path")
+            raise HttpError(400, "request target is not a path", close=True)
     path = target.split("?", 1)[0].split("#", 1)[0]
     if "%" in path:
         try:
             path = urllib.parse.unquote(path, errors="strict")
         except UnicodeDecodeError:
-            raise BadRequest(400, "path is not UTF-8") from None
+            raise HttpError(400, "path is not UTF-8", close=True) from None
     if any(ord(char) < 0x20 or ord(char) == 0x7f for char in path):
-        raise BadRequest(400, "control character in path")
+        raise HttpError(400, "control character in path", close=True)
     path = path.replace("\\", "/")
     if "//" not in path and "/." not in path:
         return path
-    segments: List[str] = []
-    raw = path.split("/")
-    for segment in raw[1:]:
-        if segment == "..":
-            if segments:
-                segments.pop()
-        elif segment not in (".", ""):
-            segments.append(segment)
-    trailing = raw[-1] in ("", ".", "..") and bool(segments)
+    segments = resolve_dots(path.split("/")[1:])
+    trailing = path.rsplit("/", 1)[-1] in ("", ".", "..") and bool(segments)
     return "/" + "/".join(segments) + ("/" if trailing else "")
+
+
+def resolve_dots(segments) -> List[str]:
+    """Segments with `.`, `..` and empty ones resolved, as a server resolves them."""
+    resolved: List[str] = []
+    for segment in segments:
+        if segment == "..":
+            if resolved:
+                resolved.pop()
+        elif segment not in (".", ""):
+            resolved.append(segment)
+    return resolved
+
+
+MAX_DECODINGS = 8   # a path still changing after this many percent-decodings is refused anyway
+
+
+def path_readings(path: str) -> List[str]:
+    """Every way a server behind the proxy might read a path: decoded again until it stops
+    changing, with and without `;` parameters, cut at `?` or `#`, case folded."""
+    decoded = path
+    for _ in range(MAX_DECODINGS):
+        again = urllib.parse.unquote(decoded) if "%" in decoded else decoded
+        if again == decoded:
+            break
+        decoded = again
+    readings = []
+    for text in {path, decoded}:
+        text = text.replace("\\", "/").casefold()
+        for variant in (text, text.split("?", 1)[0].split("#", 1)[0]):
+            readings.append(variant)
+            readings.append("/".join(segment.split(";", 1)[0] for segment in variant.split("/")))
+    return readings
+
+
+def names_credentials(path: str) -> bool:
+    """Whether any reading of path names iam/, security-credentials* or identity-credentials."""
+    for reading in path_readings(path):
+        for segment in resolve_dots(segment.strip() for segment in reading.split("/")):
+            if segment in ("iam", "identity-credentials") or segment.startswith("security-credentials"):
+                return True
+    return False
+
+
+def canonical(path: str) -> bool:
+    """A path decoded once is canonical when no server can read it otherwise: no `%` left, no `;`."""
+    return "%" not in path and ";" not in path
 
 
 @dataclasses.dataclass
 class Answer:
-    """One response: status, body, extra headers, and who it was for (for the log line)."""
+    """One response: status, body and extra headers."""
 
     status: int
     body: bytes = b""
     headers: Tuple[Tuple[str, str], ...] = ()
-    container: str = "-"
-    role: str = "-"
+
+
+class Request:
+    """One parsed request, and who it turned out to be from (for the log line)."""
+
+    __slots__ = ("method", "target", "version", "headers", "source", "container", "role")
+
+    def __init__(self, method: str, target: str, version: str, headers: Mapping[str, str], source: str):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.source = source
+        self.container = "-"
+        self.role = "-"
 
 
 NOT_FOUND = b"404 - Not Found"
 
 
-def text_answer(status: int, text: str, **who) -> Answer:
-    return Answer(status, text.encode(), **who)
+def text_answer(status: int, text: str) -> Answer:
+    return Answer(status, text.encode())
 
 
-class UpstreamError(Exception):
-    """The host metadata service failed; status is 502 or 504."""
+def error_answer(exc: HttpError) -> Answer:
+    """A refusal worded as IMDS words it ("404 - Not Found"); a 405 has only its Allow header."""
+    body = b"" if exc.status == 405 else f"{exc.status} - {STATUS_TEXT[exc.status]}".encode()
+    return Answer(exc.status, body, exc.headers)
 
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
+
+def credential_error_answer(exc: CredentialError, now: float) -> Answer:
+    """No credentials for this container (STS failed): 503 with IMDS's JSON error shape."""
+    error = {"Code": exc.code, "Message": "the proxy could not get credentials for this container",
+             "LastUpdated": iso8601(now)}
+    return Answer(503, json.dumps(error, indent=2).encode())
 
 
 class MetadataUpstream:
     """The host's real metadata service over kept-alive connections, with the proxy's own IMDSv2 token."""
 
-    TOKEN_TTL = 21600
+    TOKEN_TTL = MAX_TOKEN_TTL
+    TOKEN_EARLY = 300   # seconds before its expiry the proxy takes a new host token
+    V1_RECHECK = 300    # seconds before asking again a service that answered as IMDSv1 only
     MAX_BODY = 1 << 20
 
     def __init__(self, url: str, connect_timeout: float = 1.0, read_timeout: float = 2.0,
@@ -1852,24 +1930,24 @@ class MetadataUpstream:
                 response = conn.getresponse()
                 length = response.getheader("Content-Length")
                 if length is not None and DECIMAL.match(length) and int(length) > self.MAX_BODY:
-                    raise UpstreamError(502, "answer too large")
+                    raise HttpError(502, "answer too large")
                 body = response.read(self.MAX_BODY + 1) if method != "HEAD" else b""
                 if len(body) > self.MAX_BODY:
-                    raise UpstreamError(502, "answer too large")
-            except UpstreamError:
+                    raise HttpError(502, "answer too large")
+            except HttpError:
                 conn.close()
                 raise
             except socket.timeout:
                 conn.close()
-                raise UpstreamError(504, "timed out") from None
+                raise HttpError(504, "timed out") from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
                 if reused:
                     continue   # the server closed an idle kept-alive connection; try a fresh one
-                raise UpstreamError(502, "connection closed") from None
+                raise HttpError(502, "connection closed") from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                raise UpstreamError(502, getattr(exc, "strerror", None) or type(exc).__name__) from None
+                raise HttpError(502, getattr(exc, "strerror", None) or type(exc).__name__) from None
             if response.will_close:
                 conn.close()
             else:
@@ -1880,7 +1958,7 @@ class MetadataUpstream:
                 if conn is not None:
                     conn.close()
             return response.status, response.getheader("Location"), body
-        raise UpstreamError(502, "connection closed")
+        raise HttpError(502, "connection closed")
 
     def _host_token(self) -> Optional[str]:
         """The proxy's own IMDSv2 token, or None where the host service speaks IMDSv1 only."""
@@ -1892,15 +1970,15 @@ class MetadataUpstream:
         status, _, body = self._request("PUT", "/latest/api/token", {TOKEN_TTL_HEADER: str(self.TOKEN_TTL)})
         if status == 200:
             self._token = body.decode("ascii", "replace").strip()
-            self._token_expiry = now + self.TOKEN_TTL - 300
+            self._token_expiry = now + self.TOKEN_TTL - self.TOKEN_EARLY
             return self._token
         if status in (403, 404, 405):
-            self._v1_until = now + 300
+            self._v1_until = now + self.V1_RECHECK
             return None
-        raise UpstreamError(502, f"token request answered {status}")
+        raise HttpError(502, f"token request answered {status}")
 
     def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
-        """Forward a GET or HEAD; returns (status, Location, body); raises UpstreamError."""
+        """Forward a GET or HEAD; returns (status, Location, body); raises HttpError."""
         for attempt in (0, 1):
             token = self._host_token()
             headers = {TOKEN_HEADER: token} if token else {}
@@ -1917,7 +1995,7 @@ class MetadataUpstream:
         try:
             self._host_token()
             self.fetch("GET", "/latest/meta-data/instance-id")
-        except UpstreamError as exc:
+        except HttpError as exc:
             if self.reachable is not False:
                 log.warning("the metadata service at %s is not reachable yet (%s); forwarded paths "
                             "answer 502/504 until it is; retrying", self.url, exc)
@@ -1973,12 +2051,22 @@ class MockMetadata:
         return 404, None, NOT_FOUND
 
 
+# Normalised path -> handler, first match wins (like bottle's router); anything else is forwarded.
+ROUTES = (
+    (re.compile(r"^/[^/]+/api/token/?$", re.IGNORECASE), "token"),
+    (re.compile(r"^/([^/]+)/meta-data/iam(?:/(.*))?$", re.IGNORECASE), "iam"),
+    (re.compile(r"^/[^/]+/meta-data/identity-credentials(?:/.*)?$", re.IGNORECASE), "refuse"),
+)
+TOKEN_PATH = "latest/api/token"
+
+
 class MetadataService:
     """Answers one IMDS request from one source address: tokens, credentials, forwarding, refusals."""
 
     def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
-                 require_tokens: bool = False, watcher: Optional[DockerWatcher] = None):
+                 require_tokens: bool = False, watcher: Optional[DockerWatcher] = None,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.index = index
         self.watcher = watcher
         self.roles = roles
@@ -1988,6 +2076,9 @@ class MetadataService:
         self.wait_timeout = wait_timeout
         self.resync_timeout = resync_timeout
         self.require_tokens = require_tokens
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.routes = tuple((pattern, getattr(self, name)) for pattern, name in ROUTES)
 
     def caller(self, source: str, resync: bool) -> Optional[Container]:
         """The container behind a source address, or its static mapping (DockerWatcher.find).
@@ -2003,103 +2094,115 @@ class MetadataService:
             log.debug("%s: Docker did not answer in time; using what it said last", source)
         return found.container
 
-    def answer(self, method: str, target: str, headers: Mapping[str, str], source: str) -> Answer:
-        """Answer one request; a credential answer takes at most wait_timeout, whatever STS does."""
-        deadline = time.monotonic() + self.wait_timeout
-        path = normalize_path(target)
-        segments = path.strip("/").split("/")
-        lower = [segment.lower() for segment in segments]
-        if lower[1:3] == ["api", "token"] and len(lower) == 3:
-            return self.token(method, lower, headers, source)
-        if method not in ("GET", "HEAD"):
-            return Answer(405, b"", (("Allow", "GET, HEAD"),))
-        token = headers.get(TOKEN_HEADER)
-        container = None
-        if token is not None:
-            container = self.caller(source, resync=False)
-            # A token taken while the caller was unknown is bound to its address, and stops
-            # working once a container is known there: the address may have been reused.
-            if not self.tokens.valid(token, self.binding(container, source)):
-                return text_answer(401, "401 - Unauthorized")
-        elif self.require_tokens:
-            return text_answer(401, "401 - Unauthorized")   # IMDSv2 only, like HttpTokens=required
-        if len(lower) >= 3 and lower[1] == "meta-data" and lower[2] in ("iam", "identity-credentials"):
-            if VALID_VERSION.match(segments[0]) and lower[2] == "iam":
-                return self.iam(path, segments[3:], self.caller(source, resync=True), deadline)
-            return Answer(404, NOT_FOUND)
-        if CREDENTIAL_SEGMENTS.intersection(lower):
-            return Answer(404, NOT_FOUND)
-        who = container or self.index.lookup(source)
-        name = who.name if who is not None else "-"
-        try:
-            status, location, body = self.upstream.fetch(method, path)
-        except UpstreamError as exc:
-            log.debug("forwarding %s failed: %s", path, exc)
-            return text_answer(exc.status, f"{exc.status} - metadata service {exc}", container=name)
-        extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
-        return Answer(status, body, extra, container=name)
+    def answer(self, request: Request) -> Answer:
+        """Route one request to its handler; refusals are raised as HttpError or CredentialError.
+
+        A credential answer takes at most wait_timeout, whatever STS does.
+        """
+        deadline = self.clock() + self.wait_timeout
+        path = normalize_path(request.target)
+        for pattern, handler in self.routes:
+            match = pattern.match(path)
+            if match is not None:
+                return handler(request, path, match, deadline)
+        return self.forward(request, path, None, deadline)
 
     @staticmethod
     def binding(container: Optional[Container], source: str) -> str:
         return container.id if container is not None else "ip:" + source
 
-    def token(self, method: str, lower: List[str], headers: Mapping[str, str], source: str) -> Answer:
-        if method != "PUT":
-            return Answer(405, b"", (("Allow", "PUT"),))
-        if tuple(lower) != TOKEN_PATH:
-            return text_answer(403, "403 - Forbidden")
-        if "x-forwarded-for" in headers:
-            return text_answer(403, "403 - Forbidden")
-        ttl = headers.get(TOKEN_TTL_HEADER, "")
-        if not DECIMAL.match(ttl) or not 1 <= int(ttl) <= 21600:
-            return text_answer(400, "400 - Bad Request")
-        container = self.caller(source, resync=True)
-        token = self.tokens.issue(self.binding(container, source), int(ttl))
-        return Answer(200, token.encode(), (("X-aws-ec2-metadata-token-ttl-seconds", ttl),),
-                      container.name if container else "-")
+    def authorize(self, request: Request) -> Optional[Container]:
+        """Check the method and the IMDSv2 token of a metadata read; the caller the token names, if any."""
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, "metadata is read with GET or HEAD", headers=(("Allow", "GET, HEAD"),))
+        token = request.headers.get(TOKEN_HEADER)
+        if token is None:
+            if self.require_tokens:
+                raise HttpError(401, "no token")   # IMDSv2 only, like HttpTokens=required
+            return None
+        container = self.caller(request.source, resync=False)
+        # A token taken while the caller was unknown is bound to its address, and stops
+        # working once a container is known there: the address may have been reused.
+        if not self.tokens.valid(token, self.binding(container, request.source)):
+            raise HttpError(401, "token not valid for this caller")
+        return container
 
-    def iam(self, path: str, rest: List[str], container: Optional[Container], deadline: float) -> Answer:
-        """Answer a path under meta-data/iam/ for one container; never the host's."""
+    def token(self, request: Request, path: str, match, deadline: float) -> Answer:
+        """PUT /latest/api/token: a token bound to the caller, like IMDS's."""
+        if request.method != "PUT":
+            raise HttpError(405, "the token path takes PUT", headers=(("Allow", "PUT"),))
+        if path.strip("/").lower() != TOKEN_PATH or "x-forwarded-for" in request.headers:
+            raise HttpError(403, "token request not allowed")
+        ttl = request.headers.get(TOKEN_TTL_HEADER, "")
+        if not DECIMAL.match(ttl) or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
+            raise HttpError(400, "missing or bad token TTL")
+        container = self.caller(request.source, resync=True)
+        if container is not None:
+            request.container = container.name
+        token = self.tokens.issue(self.binding(container, request.source), int(ttl))
+        return Answer(200, token.encode(), (("X-aws-ec2-metadata-token-ttl-seconds", ttl),))
+
+    def iam(self, request: Request, path: str, match, deadline: float) -> Answer:
+        """A path under meta-data/iam/, answered for the calling container; never the host's."""
+        self.authorize(request)
+        if not VALID_VERSION.match(match.group(1)):
+            raise HttpError(404, "no such metadata version")
+        container = self.caller(request.source, resync=True)
         spec = self.roles.role_for(container) if container is not None else None
-        who = {"container": container.name if container else "-", "role": spec.role_name if spec else "-"}
+        if container is not None:
+            request.container = container.name
+        if spec is not None:
+            request.role = spec.role_name
+        rest = (match.group(2) or "").strip("/")
+        rest = rest.split("/") if rest else []
         trailing = path.endswith("/")
         kind = rest[0].lower() if rest else ""
         directory = kind in ("security-credentials", "security-credentials-extended")
         if (not rest and not trailing) or (len(rest) == 1 and not trailing and directory):
-            return Answer(301, b"", (("Location", urllib.parse.quote(path + "/")),), **who)
+            return Answer(301, b"", (("Location", urllib.parse.quote(path + "/")),))
         if spec is None:
-            return Answer(404, NOT_FOUND, **who)
+            raise HttpError(404, "no role for this caller")
         if not rest:
-            return text_answer(200, "info\nsecurity-credentials/", **who)
+            return text_answer(200, "info\nsecurity-credentials/")
         if kind == "info" and len(rest) == 1 and not trailing:
-            return text_answer(200, self.info(spec), **who)
+            return text_answer(200, self.info(spec))
         if not directory:
-            return Answer(404, NOT_FOUND, **who)
+            raise HttpError(404, "no such path under iam/")
         if len(rest) == 1:
-            return text_answer(200, spec.role_name, **who)
+            return text_answer(200, spec.role_name)
         if rest[1] != spec.role_name:
-            return Answer(404, NOT_FOUND, **who)
-        try:
-            creds = self.credentials.get(container.id, container.name, spec,
-                                         max(0.05, deadline - time.monotonic()))
-        except CredentialError as exc:
-            log.debug("no credentials for %s: %s", container.name, exc)
-            error = {"Code": exc.code, "Message": "the proxy could not get credentials for this container",
-                     "LastUpdated": iso8601(time.time())}
-            return Answer(503, json.dumps(error, indent=2).encode(), **who)
-        return Answer(200, creds.extended_body if kind.endswith("extended") else creds.body, **who)
+            raise HttpError(404, "another role's name")
+        creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()))
+        return Answer(200, creds.extended_body if kind.endswith("extended") else creds.body)
 
-    @staticmethod
-    def info(spec: RoleSpec) -> str:
+    def info(self, spec: RoleSpec) -> str:
         """The container's own role as an instance profile; the host's profile is never shown."""
         partition = spec.arn.split(":")[1]
         profile_id = "AIPA" + hashlib.sha256(spec.arn.encode()).hexdigest()[:17].upper()
         return json.dumps({
             "Code": "Success",
-            "LastUpdated": iso8601(time.time()),
+            "LastUpdated": iso8601(self.wall_clock()),
             "InstanceProfileArn": f"arn:{partition}:iam::{spec.account_id}:instance-profile/{spec.role_name}",
             "InstanceProfileId": profile_id,
         }, indent=2)
+
+    def refuse(self, request: Request, path: str, match, deadline: float) -> Answer:
+        """meta-data/identity-credentials/: the instance's own identity, never given to a container."""
+        self.authorize(request)
+        raise HttpError(404, "identity credentials are the host's")
+
+    def forward(self, request: Request, path: str, match, deadline: float) -> Answer:
+        """Any other path, from the host's service, if no server could read it as a credential path."""
+        container = self.authorize(request) or self.index.lookup(request.source)
+        if container is not None:
+            request.container = container.name
+        if names_credentials(path):
+            raise HttpError(404, "a reading of the path names credentials")
+        if not canonical(path):
+            raise HttpError(400, "only a path in its one canonical form is forwarded", close=True)
+        status, location, body = self.upstream.fetch(request.method, path)
+        extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
+        return Answer(status, body, extra)
 
 
 class MockUpstream:
@@ -2114,18 +2217,12 @@ class MockUpstream:
 
 #####################################################################
 # HTTP server #######################################################
-# Owns the listening socket, connection caps and fairness, and a lean
-# HTTP/1.1 reader and writer; each request goes to MetadataService.answer.
+# Owns the listening socket, who may hold a connection and send a request (Admission),
+# and a lean HTTP/1.1 reader and writer; each request goes to MetadataService.answer.
 
-STATUS_TEXT = {
-    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
-    414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
 TOKEN_CHARS = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 HTTP_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+HEAD_END = re.compile(rb"\n\r?\n")   # the empty line ending a head, whether lines end in CRLF or bare LF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2144,112 +2241,197 @@ class Limits:
     burst_per_source: float = 2000.0
 
 
-class HttpError(Exception):
-    """A request that must be refused at the HTTP level; the connection is closed after it."""
+class Connection:
+    """One admitted connection: its source, its socket, and what it is doing since when."""
 
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
+    __slots__ = ("source", "sock", "state", "since", "open")
+    IDLE, READING, BUSY = "idle", "reading", "busy"
+
+    def __init__(self, source: str, sock: socket.socket, now: float):
+        self.source = source
+        self.sock = sock
+        self.state = self.IDLE   # until its first request arrives: a connection that sends nothing is idle
+        self.since = now
+        self.open = True
 
 
-class ImdsRequestHandler(socketserver.BaseRequestHandler):
-    """Reads HTTP/1.1 requests off one connection and answers each through the server's service."""
+class Admission:
+    """Who may hold a connection and send a request: caps per source and in total, a request
+    rate per source, and room made for a newcomer by reclaiming idle and slow connections."""
 
-    def handle(self):
-        server = self.server
-        source = normalize_ip(self.client_address[0])
-        buffer = b""
-        while True:
-            started = time.perf_counter()
-            try:
-                head, buffer = self.read_head(buffer)
-                if head is None:
-                    return
-                started = time.perf_counter()   # the request is here: idle time is not its time
-                method, target, version, headers = self.parse_head(head)
-                buffer = self.read_body(headers, buffer, time.monotonic() + server.limits.request_timeout)
-            except HttpError as exc:
-                self.send(exc.status, STATUS_TEXT[exc.status].encode(), (), close=True)
-                self.log_access("%s - - - - %d %.1fms (%s)", source, exc.status,
-                                (time.perf_counter() - started) * 1000, exc)
-                return
-            except OSError:
-                return
-            keep = self.keep_alive(version, headers) and not server.draining
-            if not server.admit(source):
-                answer = text_answer(429, "429 - Too Many Requests")
-            else:
-                try:
-                    answer = server.service.answer(method, target, headers, source)
-                except BadRequest as exc:
-                    answer = text_answer(exc.status, f"{exc.status} - {exc}")
-                    keep = False
-                except Exception:   # a bug must cost one request, not the connection thread's silence
-                    log.exception("error answering %s %s from %s", method, ascii(target)[:200], source)
-                    answer = text_answer(500, "500 - Internal Server Error")
-                    keep = False
-            # Logged before the answer goes out: once a client has its answer it opens its next
-            # connection, and work left after sending would pile up behind it.
-            self.log_access("%s %s %s %s %s %d %.1fms", source, answer.container, answer.role, method,
-                            ascii(target)[1:-1][:200], answer.status, (time.perf_counter() - started) * 1000)
-            body = b"" if method == "HEAD" else answer.body
-            try:
-                self.send(answer.status, body, answer.headers, close=not keep, length=len(answer.body),
-                          version=version)
-            except OSError:
-                return
-            if not keep:
-                return
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic):
+        self.limits = limits
+        self.clock = clock
+        self.draining = False
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._per_source: Dict[str, int] = {}
+        self._total = 0
+        self._idle: Dict[Connection, None] = {}      # in the order they became idle: oldest first
+        self._reading: Dict[Connection, None] = {}   # a request begun and not yet whole
+        self._buckets: Dict[str, List[float]] = {}
 
-    @staticmethod
-    def log_access(message: str, *args) -> None:
-        """One line per request at INFO: source, container, role, method, path, status, ms."""
-        # A LogRecord made here skips Logger.findCaller's stack walk, a fifth of a request's cost.
-        if log.isEnabledFor(logging.INFO):
-            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, message, args, None))
+    @property
+    def total(self) -> int:
+        """Connections held now, by every source."""
+        return self._total
 
-    def read_head(self, buffer: bytes):
-        """Return (head, rest) once a whole head arrived; (None, b"") on a clean close or idle timeout."""
-        limits = self.server.limits
-        sock = self.request
+    def open(self, source: str, sock: socket.socket) -> Optional[Connection]:
+        """A record for a new connection from source, or None when it must be refused (429)."""
+        victim = None
+        with self._lock:
+            held = self._per_source.get(source, 0)
+            if self.draining or held >= self.limits.max_per_source:
+                return None
+            if self._total >= self.limits.max_connections:
+                victim = self._victim_locked(held)
+                if victim is None:
+                    return None
+                self._release_locked(victim)
+            self._total += 1
+            self._per_source[source] = held + 1
+            conn = Connection(source, sock, self.clock())
+            self._idle[conn] = None
+        if victim is not None:
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)   # its thread wakes, finds it closed, and ends
+            log.debug("closed a %s connection from %s to admit %s", victim.state, victim.source, source)
+        return conn
+
+    def _victim_locked(self, held: int) -> Optional[Connection]:
+        """The connection to reclaim for a source holding `held`: the oldest idle one, else a slow
+        one of the source holding the most; never one whose source would then hold less."""
+        for conn in self._idle:
+            if self._per_source[conn.source] > held + 1:
+                return conn
+        slow = [conn for conn in self._reading if self._per_source[conn.source] > held + 1]
+        if not slow:
+            return None
+        return max(slow, key=lambda conn: (self._per_source[conn.source], -conn.since))
+
+    def mark(self, conn: Connection, state: str) -> bool:
+        """Record what conn is doing; False when it must close (reclaimed, or idle while draining)."""
+        with self._lock:
+            if not conn.open or (state == Connection.IDLE and self.draining):
+                return False
+            self._idle.pop(conn, None)
+            self._reading.pop(conn, None)
+            conn.state = state
+            if state == Connection.IDLE:
+                self._idle[conn] = None
+            elif state == Connection.READING:
+                conn.since = self.clock()
+                self._reading[conn] = None
+        return True
+
+    def close(self, conn: Connection) -> None:
+        with self._lock:
+            if conn.open:
+                self._release_locked(conn)
+
+    def _release_locked(self, conn: Connection) -> None:
+        conn.open = False
+        self._idle.pop(conn, None)
+        self._reading.pop(conn, None)
+        self._total -= 1
+        count = self._per_source.get(conn.source, 1) - 1
+        if count:
+            self._per_source[conn.source] = count
+        else:
+            self._per_source.pop(conn.source, None)
+        if self._total == 0:
+            self._drained.notify_all()
+
+    def allow_request(self, source: str) -> bool:
+        """A token bucket per source: a flood from one container gets 429s, not everyone's time.
+
+        No lock: two requests of one source at the same instant may both see the same
+        tokens, which lets one more through now and then; that is all a race can cost.
+        """
+        now = self.clock()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) > 10000:
+                self._buckets.clear()
+            bucket = self._buckets[source] = [self.limits.burst_per_source, now]
+        tokens = min(self.limits.burst_per_source, bucket[0] + (now - bucket[1]) * self.limits.rate_per_source)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new connections, close idle ones, wait (bounded) for requests in flight."""
+        with self._lock:
+            self.draining = True
+            idle = list(self._idle)
+        for conn in idle:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            return self._drained.wait_for(lambda: self._total == 0, timeout)
+
+
+class RequestReader:
+    """Reads whole requests off one connection, linear in what arrives and within Limits,
+    and tells Admission whether the connection is idle, half-sent or busy."""
+
+    def __init__(self, sock: socket.socket, conn: Connection, admission: Admission, limits: Limits,
+                 clock: Callable[[], float]):
+        self.sock = sock
+        self.conn = conn
+        self.admission = admission
+        self.limits = limits
+        self.clock = clock
+        self.buffer = b""
+
+    def read_head(self) -> Optional[bytes]:
+        """The next request's head once all of it is here; None on a clean close or an idle timeout."""
+        limits = self.limits
+        buffer = self.buffer
+        searched = 0
         deadline = None
         while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                return buffer[:end], buffer[end + 4:]
-            end = buffer.find(b"\n\n")
-            if end >= 0:
-                return buffer[:end], buffer[end + 2:]
-            if len(buffer) > limits.max_request_line and buffer.find(b"\n", 0, limits.max_request_line) < 0:
+            end = HEAD_END.search(buffer, max(0, searched - 2))   # from where the last search stopped: linear
+            if end is not None:
+                self.buffer = buffer[end.end():]
+                if self.conn.state != Connection.BUSY and not self.admission.mark(self.conn, Connection.BUSY):
+                    return None
+                return buffer[:end.start()]
+            searched = len(buffer)
+            if searched > limits.max_request_line and buffer.find(b"\n", 0, limits.max_request_line) < 0:
                 raise HttpError(414, "request line too long")
-            if len(buffer) > limits.max_request_line + limits.max_header_bytes:
+            if searched > limits.max_request_line + limits.max_header_bytes:
                 raise HttpError(431, "headers too large")
             if buffer and deadline is None:
-                deadline = time.monotonic() + limits.request_timeout
+                deadline = self.clock() + limits.request_timeout
+                if not self.admission.mark(self.conn, Connection.READING):
+                    return None
             if deadline is None:
-                if not self.server.mark_idle(self, True):
-                    return None, b""
+                # A new connection starts idle: marking it costs its first request nothing.
+                if self.conn.state != Connection.IDLE and not self.admission.mark(self.conn, Connection.IDLE):
+                    return None
                 timeout = limits.idle_timeout
             else:
-                timeout = deadline - time.monotonic()
+                timeout = deadline - self.clock()
                 if timeout <= 0:
                     raise HttpError(408, "request not received in time")
-            sock.settimeout(timeout)
+            self.sock.settimeout(timeout)
             try:
-                chunk = sock.recv(65536)
+                chunk = self.sock.recv(65536)
             except socket.timeout:
                 if deadline is None:
-                    return None, b""
+                    return None
                 raise HttpError(408, "request not received in time") from None
-            finally:
-                if deadline is None:
-                    self.server.mark_idle(self, False)
             if not chunk:
-                return None, b""
+                return None
             buffer += chunk
 
-    def parse_head(self, head: bytes):
-        limits = self.server.limits
+    def parse(self, head: bytes) -> Request:
+        """The request line and headers; any malformation is HttpError."""
+        limits = self.limits
         if b"\0" in head:
             raise HttpError(400, "NUL byte in request")
         lines = head.split(b"\n")
@@ -2284,120 +2466,191 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                     raise HttpError(400, f"conflicting {key} headers")
                 continue
             headers[key] = text
-        return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
+        return Request(method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers,
+                       self.conn.source)
 
-    def read_body(self, headers: Dict[str, str], buffer: bytes, deadline: float) -> bytes:
-        """Read and discard a request body (IMDS requests carry none) by deadline; return what follows."""
-        length = headers.get("content-length")
-        if "transfer-encoding" in headers:
-            if length is not None or headers["transfer-encoding"].lower() != "chunked":
-                raise HttpError(400, "unsupported transfer-encoding")
-            return self.read_chunked(buffer, deadline)
-        if length is None:
-            return buffer
+    def discard_body(self, request: Request) -> None:
+        """IMDS takes no request body: refuse Transfer-Encoding and a body on GET or HEAD; read
+        and drop any other (a PUT's), byte count only, by the request deadline."""
+        if "transfer-encoding" in request.headers:
+            raise HttpError(400, "Transfer-Encoding: IMDS takes no request body")
+        length = request.headers.get("content-length")
+        if length is None or length == "0":
+            return
         if not DECIMAL.match(length):
             raise HttpError(400 if not length.isdigit() else 413, "malformed or huge content-length")
-        length = int(length)
-        if length > self.server.limits.max_body:
+        remaining = int(length)
+        if request.method in ("GET", "HEAD") and remaining:
+            raise HttpError(400, f"a body on a {request.method}")
+        if remaining > self.limits.max_body:
             raise HttpError(413, "request body too large")
-        buffer = self.read_until(buffer, lambda data: len(data) >= length, deadline)
-        return buffer[length:]
-
-    def read_chunked(self, buffer: bytes, deadline: float) -> bytes:
-        total = 0
-        while True:
-            buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
-            size_line, _, buffer = buffer.partition(b"\r\n")
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HttpError(400, "malformed chunk size") from None
-            total += size
-            if size < 0 or total > self.server.limits.max_body:
-                raise HttpError(413, "request body too large")
-            if size == 0:
-                buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
-                while not buffer.startswith(b"\r\n"):   # trailers: counted as body, same deadline
-                    line, _, buffer = buffer.partition(b"\r\n")
-                    total += len(line) + 2
-                    if total > self.server.limits.max_body:
-                        raise HttpError(413, "request body too large")
-                    buffer = self.read_until(buffer, lambda data: b"\r\n" in data, deadline)
-                return buffer[2:]
-            buffer = self.read_until(buffer, lambda data: len(data) >= size + 2, deadline)
-            buffer = buffer[size + 2:]
-
-    def read_until(self, buffer: bytes, complete, deadline: float) -> bytes:
-        limits = self.server.limits
-        while not complete(buffer):
-            if len(buffer) > limits.max_body + 4096:
-                raise HttpError(413, "request body too large")
-            timeout = deadline - time.monotonic()
+        if len(self.buffer) >= remaining:
+            self.buffer = self.buffer[remaining:]
+            return
+        remaining -= len(self.buffer)
+        self.buffer = b""
+        deadline = self.clock() + self.limits.request_timeout
+        while remaining > 0:
+            timeout = deadline - self.clock()
             if timeout <= 0:
                 raise HttpError(408, "request body not received in time")
-            self.request.settimeout(timeout)
+            self.sock.settimeout(timeout)
             try:
-                chunk = self.request.recv(65536)
+                chunk = self.sock.recv(65536)
             except socket.timeout:
                 raise HttpError(408, "request body not received in time") from None
             if not chunk:
                 raise HttpError(400, "connection closed inside the body")
-            buffer += chunk
-        return buffer
+            remaining -= len(chunk)
+        self.buffer = chunk[len(chunk) + remaining:]
 
-    @staticmethod
-    def keep_alive(version: str, headers: Mapping[str, str]) -> bool:
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.0":
+@functools.lru_cache(maxsize=4)
+def http_date(second: int) -> str:
+    """The Date header's text; made once a second, not once a request."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+
+
+class ImdsRequestHandler(socketserver.BaseRequestHandler):
+    """Serves one connection, one request at a time: read, answer, log, send (handle_one_request).
+
+    It takes its parts from the server once (service, limits, admission, clocks); its
+    RequestReader reports the connection's state to Admission. It never touches another connection.
+    """
+
+    def __init__(self, request, client_address, server, conn: Connection):
+        self.conn = conn
+        super().__init__(request, client_address, server)
+
+    def setup(self):
+        server = self.server
+        self.service = server.service
+        self.limits = server.limits
+        self.admission = server.admission
+        self.wall_clock = server.wall_clock
+        self.keep_alive_header = server.keep_alive_header
+        self.reader = RequestReader(self.request, self.conn, server.admission, server.limits, server.clock)
+
+    def handle(self):
+        while self.handle_one_request():
+            pass
+
+    def handle_one_request(self) -> bool:
+        """Read one request, answer it, log it and send the answer; False when the connection is done."""
+        request = None
+        started = time.perf_counter()
+        try:
+            head = self.reader.read_head()
+            if head is None:
+                return False
+            started = time.perf_counter()   # the request is here: idle time is not its time
+            parsed = self.reader.parse(head)
+            self.reader.discard_body(parsed)
+            request = parsed   # read whole: the connection can go on after this one
+            if not self.admission.allow_request(request.source):
+                raise HttpError(429, "over the request rate", close=True)
+            answer = self.service.answer(request)
+            keep = self.keep_alive(request)
+        except HttpError as exc:
+            # The one place a refusal becomes an answer. One the reader raised leaves the
+            # stream where no next request can be found: the connection closes.
+            answer, keep = error_answer(exc), request is not None and not exc.close and self.keep_alive(request)
+            self.log_error(request, exc)
+        except CredentialError as exc:
+            log.debug("no credentials for %s: %s", request.container, exc)
+            answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
+        except OSError:
+            if request is None:
+                return False   # the connection broke while the request was being read
+            answer, keep = self.internal_error(request), False
+        except Exception:   # a bug must cost one request, not the connection thread's silence
+            answer, keep = self.internal_error(request), False
+        # Logged before the answer goes out: once a client has its answer it opens its next
+        # connection, and work left after sending would pile up behind it.
+        self.log_request(request, answer.status, started)
+        return self.send(request, answer, keep) and keep
+
+    def internal_error(self, request: Optional[Request]) -> Answer:
+        log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
+                      self.conn.source)
+        return text_answer(500, "500 - Internal Server Error")
+
+    def keep_alive(self, request: Request) -> bool:
+        connection = request.headers.get("connection", "").lower()
+        if self.admission.draining:
+            return False
+        if request.version == "HTTP/1.0":
             return "keep-alive" in connection
         return "close" not in connection
 
-    def send(self, status: int, body: bytes, headers, close: bool, length: Optional[int] = None,
-             version: str = "HTTP/1.1") -> None:
-        lines = [f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Unknown')}\r\n"
-                 f"Server: EC2ws\r\nDate: {self.server.date()}\r\nContent-Type: text/plain\r\n"
-                 f"Content-Length: {len(body) if length is None else length}\r\n"]
-        for name, value in headers:
+    def log_request(self, request: Optional[Request], status: int, started: float) -> None:
+        """One line per request at INFO: source, container, role, method, path, status, ms."""
+        # A LogRecord made here skips Logger.findCaller's stack walk, a fifth of a request's cost.
+        if log.isEnabledFor(logging.INFO):
+            if request is None:
+                args = (self.conn.source, "-", "-", "-", "-", status, (time.perf_counter() - started) * 1000)
+            else:
+                args = (request.source, request.container, request.role, request.method,
+                        ascii(request.target)[1:-1][:200], status, (time.perf_counter() - started) * 1000)
+            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, "%s %s %s %s %s %d %.1fms",
+                                         args, None))
+
+    def log_error(self, request: Optional[Request], exc: HttpError) -> None:
+        """Why a request was refused, at DEBUG (the reason never holds a secret)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: %d %s", self.conn.source, ascii(request.target)[1:-1][:200] if request else "-",
+                      exc.status, exc)
+
+    def send(self, request: Optional[Request], answer: Answer, keep: bool) -> bool:
+        """Write one answer; False when the connection is gone."""
+        version = request.version if request is not None else "HTTP/1.1"
+        body = b"" if request is not None and request.method == "HEAD" else answer.body
+        lines = [f"HTTP/1.1 {answer.status} {STATUS_TEXT.get(answer.status, 'Unknown')}\r\n"
+                 f"Server: EC2ws\r\nDate: {http_date(int(self.wall_clock()))}\r\nContent-Type: text/plain\r\n"
+                 f"Content-Length: {len(answer.body)}\r\n"]
+        for name, value in answer.headers:
             lines.append(f"{name}: {value}\r\n")
-        if close:
+        if not keep:
             lines.append("Connection: close\r\n")
         elif version == "HTTP/1.0":
             lines.append("Connection: keep-alive\r\n")
-        lines.append(self.server.keep_alive_hint if not close else "")
+        lines.append(self.keep_alive_header if keep else "")
         lines.append("\r\n")
-        self.request.settimeout(self.server.limits.request_timeout)
-        self.request.sendall("".join(lines).encode("latin-1") + body)
+        try:
+            self.request.settimeout(self.limits.request_timeout)
+            self.request.sendall("".join(lines).encode("latin-1") + body)
+        except OSError:
+            return False
+        return True
 
 
-class MetadataProxyServer(ThreadingHTTPServer):
-    """The listening socket: a thread per connection, capped per source address and in total.
+class MetadataProxyServer(socketserver.TCPServer):
+    """The listening socket: admits each connection (verify_request) and serves it on a thread.
 
     A thread whose connection has ended waits a while for the next one instead of exiting,
     so a client that opens a connection per request (as most SDKs do) does not pay for
     starting a thread each time.
     """
 
-    daemon_threads = True
+    # TCPServer, not HTTPServer: that one's server_bind does a reverse DNS lookup of the address.
+    allow_reuse_address = True
     request_queue_size = 1024
     worker_idle = 10.0   # seconds a connection thread waits for the next connection
 
     def __init__(self, address: Tuple[str, int], service: MetadataService, limits: Limits = Limits(),
-                 handler=ImdsRequestHandler):
+                 handler=ImdsRequestHandler, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         host, port = address
         if host in ("", "::") or ":" in host:
             self.address_family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
             host = host or ("::" if socket.has_ipv6 else "0.0.0.0")
         self.service = service
         self.limits = limits
-        self.draining = False
-        self.keep_alive_hint = f"Keep-Alive: timeout={int(limits.idle_timeout)}\r\n"
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.admission = Admission(limits, clock)
+        self.keep_alive_header = f"Keep-Alive: timeout={int(limits.idle_timeout)}\r\n"
+        self._admitted: Dict[socket.socket, Connection] = {}   # verify_request -> process_request (accept thread)
         self._lock = threading.Lock()
-        self._drained = threading.Condition(self._lock)
-        self._per_source: Dict[str, int] = {}
-        self._total = 0
-        self._idle: set = set()
-        self._buckets: Dict[str, List[float]] = {}
-        self._date = (0, "")
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self._idle_workers = 0   # threads waiting for a connection, less connections handed to them
         super().__init__((host, port), handler)
@@ -2406,9 +2659,7 @@ class MetadataProxyServer(ThreadingHTTPServer):
         if self.address_family == socket.AF_INET6:
             # Dual-stack, like Go's ":18000": IPv4 callers arrive as ::ffff:a.b.c.d.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # TCPServer's bind, not HTTPServer's: that one does a reverse DNS lookup of the address.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        super().server_bind()
         self._family = int(self.address_family)
 
     def get_request(self):
@@ -2417,44 +2668,36 @@ class MetadataProxyServer(ThreadingHTTPServer):
         fd, address = self.socket._accept()
         return socket.socket(self._family, socket.SOCK_STREAM, 0, fileno=fd), address
 
-    def date(self) -> str:
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
-        return self._date[1]
-
-    def process_request(self, request, client_address):
+    def verify_request(self, request, client_address) -> bool:
+        """The connection caps: admit, making room for a newcomer if need be, or answer 429 and close."""
         source = normalize_ip(client_address[0])
-        with self._lock:
-            admitted = (not self.draining and self._total < self.limits.max_connections
-                        and self._per_source.get(source, 0) < self.limits.max_per_source)
-            if admitted:
-                self._total += 1
-                self._per_source[source] = self._per_source.get(source, 0) + 1
-        if not admitted:
-            try:
+        conn = self.admission.open(source, request)
+        if conn is None:
+            with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(b"HTTP/1.1 429 Too Many Requests\r\nServer: EC2ws\r\n"
                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
             log.debug("refused a connection from %s: over the connection cap", source)
-            return
+            return False
+        self._admitted[request] = conn
+        return True
+
+    def process_request(self, request, client_address):
+        job = (request, client_address, self._admitted.pop(request))
         with self._lock:
             if self._idle_workers:
                 self._idle_workers -= 1
-                self._jobs.put((request, client_address))
+                self._jobs.put(job)
                 return
         try:
-            threading.Thread(target=self._worker, args=((request, client_address),), daemon=True).start()
+            threading.Thread(target=self._worker, args=(job,), daemon=True).start()
         except RuntimeError:   # no thread could be started
-            self._release(source)
+            self.admission.close(job[2])
             self.shutdown_request(request)
 
     def _worker(self, job) -> None:
         while job is not None:
-            self.process_request_thread(*job)
+            self.serve_connection(*job)
             job = self._next_job()
 
     def _next_job(self):
@@ -2470,71 +2713,21 @@ class MetadataProxyServer(ThreadingHTTPServer):
                 self._idle_workers -= 1
                 return None
 
-    def process_request_thread(self, request, client_address):
+    def serve_connection(self, request, client_address, conn: Connection) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.RequestHandlerClass(request, client_address, self, conn)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._release(normalize_ip(client_address[0]))
-
-    def _release(self, source: str) -> None:
-        with self._lock:
-            self._total -= 1
-            count = self._per_source.get(source, 1) - 1
-            if count:
-                self._per_source[source] = count
-            else:
-                self._per_source.pop(source, None)
-            if self._total == 0:
-                self._drained.notify_all()
+            self.admission.close(conn)
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error on the connection from %s", client_address[0])
 
-    def admit(self, source: str) -> bool:
-        """A token bucket per source: a flood from one container gets 429s, not everyone's time.
-
-        No lock: two requests of one source at the same instant may both see the same
-        tokens, which lets one more through now and then; that is all a race can cost.
-        """
-        now = time.monotonic()
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) > 10000:
-                self._buckets.clear()
-            bucket = self._buckets[source] = [self.limits.burst_per_source, now]
-        tokens = min(self.limits.burst_per_source, bucket[0] + (now - bucket[1]) * self.limits.rate_per_source)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1
-        return True
-
-    def mark_idle(self, handler, idle: bool) -> bool:
-        """Track connections waiting for their next request; False when draining (close it).
-
-        Set operations are atomic, and a handler looks at draining after adding itself,
-        so drain() either sees it in the set or it sees draining: no lock needed.
-        """
-        if not idle:
-            self._idle.discard(handler)
-            return True
-        self._idle.add(handler)
-        if self.draining:
-            self._idle.discard(handler)
-            return False
-        return True
-
     def drain(self, timeout: float) -> bool:
         """Stop taking new requests, close idle connections, wait for requests in flight."""
-        self.draining = True
-        for handler in list(self._idle):
-            try:
-                handler.request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        with self._lock:
-            return self._drained.wait_for(lambda: self._total == 0, timeout)
+        return self.admission.drain(timeout)
 
 
 #####################################################################
@@ -2680,9 +2873,10 @@ class Proxy:
             self.upstream = MockUpstream(MockMetadata(config.sts_region or mock_region))
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
-        self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(),
+        self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(clock=clock),
                                        self.upstream, wait_timeout=wait_timeout,
-                                       require_tokens=config.require_tokens, watcher=self.watcher)
+                                       require_tokens=config.require_tokens, watcher=self.watcher,
+                                       wall_clock=clock)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits)
         except OSError as exc:

@@ -1573,8 +1573,22 @@ class TestNormalizePath(unittest.TestCase):
         for target, expected in cases.items():
             self.assertEqual(emp.normalize_path(target), expected, target)
         for target in ("latest/meta-data", "*", "/a%00b", "/a%ffb", "/a\x01", "ftp://x/"):
-            with self.assertRaises(emp.BadRequest, msg=target):
+            with self.assertRaises(emp.HttpError, msg=target) as caught:
                 emp.normalize_path(target)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_readings_that_name_credentials_and_the_canonical_form(self):
+        for path in ("/latest/meta-data/iam%2Fsecurity-credentials%2Fx", "/latest/meta-data/%69am/info",
+                     "/latest/meta-data/iam;x/info", "/latest/meta-data/x;/../IDENTITY-CREDENTIALS/ec2",
+                     "/latest/dynamic/Security-Credentials-Extended", "/latest/meta-data/ iam /info",
+                     "/latest/meta-data/x/%252e%252e/%2569am", "/latest/meta-data/iam?/../info"):
+            self.assertTrue(emp.names_credentials(path), path)
+        for path in ("/latest/meta-data/instance-id", "/latest/meta-data/iamx", "/latest/user-data",
+                     "/latest/meta-data/placement/availability-zone", "/latest/meta-data/credentials"):
+            self.assertFalse(emp.names_credentials(path), path)
+        self.assertTrue(emp.canonical("/latest/meta-data/instance-id"))
+        self.assertFalse(emp.canonical("/latest/meta-data/%69nstance-id"))
+        self.assertFalse(emp.canonical("/latest/meta-data/instance-id;v=1"))
 
 
 CREDENTIAL_SPELLINGS = [
@@ -1617,8 +1631,93 @@ CREDENTIAL_SPELLINGS = [
 ]
 
 
+# Spellings a server that decodes twice, or drops `;` parameters, would read as a credential path.
+DOUBLY_ENCODED_SPELLINGS = [
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam%252fsecurity-credentials%252fhost-role",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252F",
+    "/latest/meta-data/iam%252Fsecurity-credentials-extended%252Fhost-role",
+    "/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2569am/security-credentials/host-role",
+    "/latest/meta-data/iam/%2573ecurity-credentials/host-role",
+    "/latest/meta-data/%2549AM%252FSecurity-Credentials%252Fhost-role",
+    "/latest/meta-data/iam%25252Fsecurity-credentials%25252Fhost-role",
+    "/latest/meta-data/identity-credentials%252Fec2%252Fsecurity-credentials%252Fec2-instance",
+    "/latest/meta-data/%2569dentity-credentials/ec2/info",
+    "/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252finfo",
+    "/latest/meta-data/%2569am%252Finfo",
+    "/latest/meta-data/x%252F..%252Fiam%252Finfo",
+    "/latest/meta-data/x/%252e%252e/iam%252Fsecurity-credentials%252Fhost-role",
+    "/latest%252Fmeta-data%252Fiam%252Fsecurity-credentials%252Fhost-role",
+    "/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "/latest/meta-data/iam;/security-credentials;/host-role",
+    "/latest/meta-data/iam;x/info",
+    "/latest/meta-data/iam;x/info;y",
+    "/latest/meta-data/identity-credentials;x/ec2/info",
+    "/latest/meta-data/iam%3Bx/security-credentials/host-role",
+    "/latest/meta-data/iam%253Bx/security-credentials/host-role",
+    "/latest/meta-data/IAM;x/SECURITY-CREDENTIALS;y/host-role",
+    "/latest/meta-data/dummy/..;/iam;x/info",
+    "http://169.254.169.254/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role",
+    "http://169.254.169.254/latest/meta-data/%2569am/%2573ecurity-credentials/host-role",
+    "http://169.254.169.254/latest/meta-data/identity-credentials%252Fec2%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "http://169.254.169.254/latest/meta-data/iam;x/security-credentials;y/host-role",
+    "HTTP://169.254.169.254/latest/meta-data/iam%252Finfo",
+    "/latest/meta-data/iam%252Fsecurity-credentials%252Fhost-role?x=1",
+    "/latest/meta-data/%252569am/security-credentials/host-role",
+    "/latest/meta-data/iam%252F%252E%252E%252Fiam%252Finfo",
+    "/latest/meta-data/iam\\%252Fsecurity-credentials/host-role",
+]
+# Every reading of these words is the host's credentials or its instance profile.
+FORBIDDEN_WORDS = ("iam", "security-credentials", "security-credentials-extended", "identity-credentials")
+
+# What the proxy asks the host's service on its own (its token, the start-up probe).
+PROBE_PATHS = ("/latest/api/token", "/latest/meta-data/instance-id")
+
+
+def every_reading_of(path):
+    """The test's own reading of a forwarded path: decoded until stable, `;` dropped, case folded."""
+    for _ in range(10):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = path.replace("\\", "/").lower()
+    return {segment.split(";")[0].strip() for segment in path.split("/")} | {
+        segment.strip() for segment in path.split("/")}
+
+
+class TestMetadataUpstream(unittest.TestCase):
+    """The host's service: its own IMDSv2 token, taken again on a 401; failures are 502 or 504."""
+
+    def setUp(self):
+        self.imds = ImdsStandIn().start()
+        self.addCleanup(self.imds.stop)
+
+    def test_forwards_with_its_own_token_and_takes_a_new_one_after_a_401(self):
+        self.imds.require_token = True
+        upstream = emp.MetadataUpstream(self.imds.url)
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data/instance-id"), (200, None, b"i-0host0000000000"))
+        self.imds.token = "host-imds-token-rotated"   # the service restarted
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data/instance-id")[0], 200)
+        self.assertEqual([method for method, _, _ in self.imds.requests], ["PUT", "GET", "GET", "PUT", "GET"])
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data")[:2], (301, "http://169.254.169.254/latest/meta-data/"))
+
+    def test_an_unreachable_service_is_502(self):
+        upstream = emp.MetadataUpstream(f"http://127.0.0.1:{free_port()}", connect_timeout=0.5)
+        with self.assertRaises(emp.HttpError) as caught:
+            upstream.fetch("GET", "/latest/meta-data/instance-id")
+        self.assertEqual(caught.exception.status, 502)
+
+
 class TestMetadataService(ProxyTestCase):
     """The whole request path over HTTP: containers told apart by their 127.0.0.x source address."""
+
+    def make_fixture(self):
+        self.clock = FakeClock()
+        return ProxyFixture(clock=self.clock)
 
     def setUp(self):
         super().setUp()
@@ -1690,9 +1789,8 @@ class TestMetadataService(ProxyTestCase):
                 answers.append((path, status, body, headers))
                 self.assertNoHostSecrets(body, headers)
                 self.assertNotEqual(body, "host-role", path)
-        for forwarded in self.imds.paths():
-            lowered = [segment.lower() for segment in forwarded.split("/")]
-            self.assertFalse(emp.CREDENTIAL_SEGMENTS.intersection(lowered), forwarded)
+        for _, forwarded, _ in self.imds.requests:
+            self.assertFalse(every_reading_of(forwarded).intersection(FORBIDDEN_WORDS), forwarded)
         # The raw request line too (http.client would normalise nothing, but be explicit).
         for raw in (b"GET /latest/meta-data/iam/security-credentials/host-role HTTP/1.1\r\n\r\n",
                     b"GET http://169.254.169.254/latest/meta-data/iam/info HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1780,7 +1878,9 @@ class TestMetadataService(ProxyTestCase):
 
     def test_expired_token_is_401(self):
         token = self.container_token(ttl="1")
-        time.sleep(2.1)
+        self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
+                                         headers={"X-aws-ec2-metadata-token": token})[0], 200)
+        self.clock.now += 1
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
                                          headers={"X-aws-ec2-metadata-token": token})[0], 401)
 
@@ -1807,10 +1907,8 @@ class TestMetadataService(ProxyTestCase):
 
     def test_a_new_container_is_served_on_its_first_request(self):
         new = self.docker.add_container("fresh-1", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "db"})
-        started = time.monotonic()
         status, creds = self.fx.credentials("127.0.0.5", "db-role")
         self.assertEqual(status, 200, creds)
-        self.assertLess(time.monotonic() - started, 1.0)
         # Even without a start event (it was missed): the unknown address triggers one listing.
         self.docker.add_container("silent-1", ["127.0.0.6"], emit=False)
         self.assertEqual(self.fx.credentials("127.0.0.6", "default-role")[0], 200)
@@ -1859,6 +1957,51 @@ class TestMetadataService(ProxyTestCase):
         for secret in (creds["SecretAccessKey"], creds["Token"], token, self.imds.token, HOST_MARKER):
             self.assertNotIn(secret, logs.text)
             self.assertNotIn(secret[:20], logs.text)
+
+
+class TestForwardingRule(ProxyTestCase):
+    """Only a path in its one canonical form is forwarded; no reading of it may name credentials."""
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.start()
+
+    def send(self, target, source):
+        answer = self.fx.raw(b"GET " + target.encode("latin-1") + b" HTTP/1.1\r\nHost: x\r\n"
+                             b"Connection: close\r\n\r\n", source)
+        return int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else None, answer
+
+    def test_doubly_encoded_and_parameter_spellings_are_refused_and_never_forwarded(self):
+        self.assertEqual(len(DOUBLY_ENCODED_SPELLINGS), 36)
+        for source in ("127.0.0.2", "127.0.0.99"):   # a known container and an unknown caller
+            for target in DOUBLY_ENCODED_SPELLINGS:
+                status, answer = self.send(target, source)
+                self.assertIn(status, (400, 404), (target, answer[:80]))
+                self.assertNoHostSecrets(answer)
+        for _, raw_path, _ in self.imds.requests:
+            self.assertFalse(every_reading_of(raw_path).intersection(FORBIDDEN_WORDS), raw_path)
+        self.assertEqual([p for _, p, _ in self.imds.requests if p not in PROBE_PATHS], [])
+
+    def test_every_identity_credentials_path_is_404_and_never_forwarded(self):
+        paths = ["/latest/meta-data/identity-credentials/", "/latest/meta-data/identity-credentials",
+                 "/latest/meta-data/identity-credentials/ec2/info", "/latest/meta-data/identity-credentials/EC2/INFO",
+                 "/latest/meta-data/IDENTITY-CREDENTIALS/ec2/info", "/latest/meta-data/Identity-Credentials/Ec2/Info",
+                 "/latest/meta-data/identity-credentials/ec2/security-credentials/",
+                 "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                 "/2016-09-02/meta-data/identity-credentials/ec2/info", "/latest/meta-data/identity-credentials/x/y/z",
+                 "/latest/meta-data/%69dentity-credentials/ec2/info"]
+        for source in ("127.0.0.2", "127.0.0.99"):
+            for path in paths:
+                self.assertEqual(self.send(path, source)[0], 404, (path, source))
+        self.assertEqual([p for _, p, _ in self.imds.requests if p not in PROBE_PATHS], [])
+
+    def test_canonical_paths_are_still_forwarded(self):
+        for target, status in (("/latest/meta-data/instance-id", 200), ("/latest/meta-data/%69nstance-id", 200),
+                               ("/latest/user-data", 200), ("/latest/meta-data/x/../local-ipv4", 200)):
+            self.assertEqual(self.send(target, "127.0.0.2")[0], status, target)
+        self.assertEqual(self.send("/latest/meta-data/%2569nstance-id", "127.0.0.2")[0], 400)
+        self.assertEqual(self.send("/latest/meta-data/instance-id;x", "127.0.0.2")[0], 400)
 
 
 class TestMigrationEndToEnd(ProxyTestCase):
@@ -2007,6 +2150,136 @@ class TestRequireTokens(ProxyTestCase):
 #####################################################################
 # HTTP server #######################################################
 
+class StubSocket:
+    """Stands in for an admitted connection's socket: records the proxy shutting it down."""
+
+    def __init__(self):
+        self.shut = False
+
+    def shutdown(self, how):
+        self.shut = True
+
+
+class TestAdmission(unittest.TestCase):
+    """Caps per source and in total, the request rate, and who makes room for a newcomer."""
+
+    limits = emp.Limits(max_connections=6, max_per_source=3, rate_per_source=10.0, burst_per_source=2.0)
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.admission = emp.Admission(self.limits, self.clock)
+
+    def open(self, source, state=None):
+        sock = StubSocket()
+        conn = self.admission.open(source, sock)
+        if conn is not None and state is not None:
+            self.assertTrue(self.admission.mark(conn, state))
+        return conn, sock
+
+    def test_caps_per_source_and_in_total_with_nothing_to_reclaim(self):
+        first = [self.open("10.0.0.1", emp.Connection.BUSY) for _ in range(3)]
+        self.assertIsNone(self.open("10.0.0.1")[0])
+        others = [self.open(f"10.0.1.{n}") for n in range(3)]   # idle, but their sources hold one each
+        self.assertEqual(self.admission.total, 6)
+        self.assertIsNone(self.open("10.0.2.1")[0])
+        self.assertEqual([sock.shut for _, sock in first + others], [False] * 6)
+        self.admission.close(first[0][0])
+        self.admission.close(first[0][0])   # closing twice releases once
+        self.assertEqual(self.admission.total, 5)
+        self.assertIsNotNone(self.open("10.0.2.1")[0])
+
+    def test_a_newcomer_gets_the_oldest_idle_connection_of_a_source_holding_more(self):
+        greedy = [self.open("10.0.0.1") for _ in range(3)]
+        other = [self.open("10.0.0.2") for _ in range(3)]
+        self.assertTrue(self.admission.mark(greedy[0][0], emp.Connection.BUSY))   # answering: never reclaimed
+        conn, _ = self.open("10.0.0.3")
+        self.assertIsNotNone(conn)
+        self.assertEqual([sock.shut for _, sock in greedy + other], [False, True, False, False, False, False])
+        self.assertEqual(self.admission.total, 6)
+        self.assertFalse(self.admission.mark(greedy[1][0], emp.Connection.BUSY))   # the reclaimed one closes
+
+    def test_then_a_slow_connection_of_the_source_holding_the_most(self):
+        two = [self.open("10.0.0.1", emp.Connection.BUSY) for _ in range(2)]
+        three = [self.open("10.0.0.2", emp.Connection.BUSY) for _ in range(3)]
+        self.open("10.0.0.4", emp.Connection.BUSY)
+        self.admission.mark(two[0][0], emp.Connection.READING)
+        self.clock.now += 1
+        self.admission.mark(three[2][0], emp.Connection.READING)   # the longest-running half-sent head
+        self.clock.now += 1
+        self.admission.mark(three[1][0], emp.Connection.READING)
+        self.assertIsNotNone(self.open("10.0.0.5")[0])
+        self.assertEqual([sock.shut for _, sock in two + three], [False, False, False, False, True])
+
+    def test_request_rate_per_source(self):
+        self.assertEqual([self.admission.allow_request("10.0.0.1") for _ in range(3)], [True, True, False])
+        self.assertTrue(self.admission.allow_request("10.0.0.2"))
+        self.clock.now += 0.15   # 10 a second: one more, and half of the next
+        self.assertEqual([self.admission.allow_request("10.0.0.1") for _ in range(2)], [True, False])
+
+    def test_draining_refuses_newcomers_and_closes_idle_connections(self):
+        idle = self.open("10.0.0.1")
+        busy = self.open("10.0.0.2", emp.Connection.BUSY)
+        self.assertFalse(self.admission.drain(0))
+        self.assertEqual((idle[1].shut, busy[1].shut), (True, False))
+        self.assertIsNone(self.open("10.0.0.3")[0])
+        self.assertFalse(self.admission.mark(busy[0], emp.Connection.IDLE))
+        self.admission.close(idle[0])
+        self.admission.close(busy[0])
+        self.assertTrue(self.admission.drain(0))
+
+
+class TestRequestReader(unittest.TestCase):
+    """Whole requests off one socket (a socketpair here), whatever pieces they arrive in."""
+
+    def setUp(self):
+        self.client, server_side = socket.socketpair()
+        self.addCleanup(self.client.close)
+        self.addCleanup(server_side.close)
+        self.admission = emp.Admission(emp.Limits(request_timeout=2.0, idle_timeout=2.0))
+        self.conn = self.admission.open("10.0.0.1", server_side)
+        self.reader = emp.RequestReader(server_side, self.conn, self.admission, emp.Limits(request_timeout=2.0,
+                                        idle_timeout=2.0), time.monotonic)
+
+    def next_request(self):
+        head = self.reader.read_head()
+        if head is None:
+            return None
+        request = self.reader.parse(head)
+        self.reader.discard_body(request)
+        return request
+
+    def test_heads_end_at_the_first_empty_line_crlf_or_bare_lf(self):
+        self.client.sendall(b"GET /a HTTP/1.1\nHost: x\n\nGET /b HTTP/1.1\r\n\r\n"
+                            b"PUT /c HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyzGET /d HTTP/1.0\n\r\n")
+        self.client.shutdown(socket.SHUT_WR)
+        requests = [self.next_request() for _ in range(5)]
+        self.assertEqual([(r.method, r.target, r.version) for r in requests[:4]],
+                         [("GET", "/a", "HTTP/1.1"), ("GET", "/b", "HTTP/1.1"), ("PUT", "/c", "HTTP/1.1"),
+                          ("GET", "/d", "HTTP/1.0")])
+        self.assertEqual(requests[0].headers, {"host": "x"})
+        self.assertIsNone(requests[4])   # a clean close
+
+    def test_a_head_in_pieces_marks_the_connection_slow_until_it_is_whole(self):
+        self.client.sendall(b"GET /a HTTP/1.1\r\nX-Slow: 1\r\n")   # the empty line split across two reads
+        found = []
+        thread = threading.Thread(target=lambda: found.append(self.next_request()))
+        thread.start()
+        self.assertTrue(wait_until(lambda: self.conn.state == emp.Connection.READING))
+        self.client.sendall(b"\r\n")
+        thread.join(5)
+        self.assertEqual(found[0].headers, {"x-slow": "1"})
+        self.assertEqual(self.conn.state, emp.Connection.BUSY)
+
+    def test_bodies_imds_would_not_take_are_400(self):
+        for head in (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n"):
+            request = self.reader.parse(head.rstrip(b"\r\n"))
+            with self.assertRaises(emp.HttpError) as caught:
+                self.reader.discard_body(request)
+            self.assertEqual(caught.exception.status, 400, head)
+
+
 class TestHttpServer(ProxyTestCase):
     """HTTP/1.1 done right, and bad requests answered the way IMDS would."""
 
@@ -2077,13 +2350,133 @@ class TestHttpServer(ProxyTestCase):
         # And the proxy still serves everyone.
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2")[2], "web-role")
 
-    def test_request_bodies_are_read_and_discarded(self):
+    def test_a_puts_body_is_read_and_dropped_and_the_connection_goes_on(self):
         answer = self.fx.raw(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
                              b"Content-Length: 5\r\n\r\nhello"
-                             b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                             b"GET /latest/meta-data/iam/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
                              b"GET /latest/meta-data/iam/ HTTP/1.1\r\nConnection: close\r\n\r\n", "127.0.0.2")
         self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 3, answer)
+
+    def closed_after_one_answer(self, data):
+        """Send data on one connection; the answers it got, and whether the proxy then closed it."""
+        with socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                      source_address=("127.0.0.2", 0)) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(data)
+            received = b""
+            for _ in range(1000):
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    return received, False
+                except ConnectionResetError:
+                    return received, True
+                if not chunk:
+                    return received, True
+                received += chunk
+            return received, False
+
+    def test_transfer_encoding_and_a_body_on_a_get_are_400_and_close(self):
+        chunked = b"".join(b"1\r\nx\r\n" for _ in range(4096)) + b"0\r\n\r\n"
+        cases = [
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+            b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            b"HEAD /latest/meta-data/instance-id HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+        ]
+        # Chunk sizes that are not plain hex.
+        for size in (b"0x0", b"+0", b"0_0", b"-0", b" 0"):
+            cases.append(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n\r\n")
+        for data in cases:
+            # A request that would be served follows: it must not be.
+            received, closed = self.closed_after_one_answer(
+                data + b"GET /latest/meta-data/iam/ HTTP/1.1\r\n\r\n")
+            self.assertTrue(received.startswith(b"HTTP/1.1 400 "), (data[:90], received[:60]))
+            self.assertEqual(received.count(b"HTTP/1.1 "), 1, (data[:90], received))
+            self.assertIn(b"Connection: close", received)
+            self.assertTrue(closed, data[:90])
+
+    def test_a_bare_lf_request_pipelined_before_a_crlf_request_gets_two_answers(self):
+        answer = self.fx.raw(b"GET /latest/meta-data/iam/ HTTP/1.1\nHost: a\n\n"
+                             b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+                             "127.0.0.2")
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+        self.assertTrue(answer.endswith(b"web-role"), answer)
+        answer = self.fx.raw(b"GET /latest/meta-data/iam/ HTTP/1.1\r\nHost: a\n\r\n"
+                             b"GET /latest/meta-data/iam/ HTTP/1.1\nConnection: close\n\n", "127.0.0.2")
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+
+
+class ScriptedService:
+    """Stands in for MetadataService: each path answers with, or raises, what the test gives."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def answer(self, request):
+        outcome = self.script[request.target]
+        if isinstance(outcome, Exception):
+            raise outcome
+        request.container = "scripted"
+        return outcome
+
+
+class TestMetadataProxyServer(unittest.TestCase):
+    """The server with a scripted service: every refusal becomes one answer, in one place."""
+
+    def setUp(self):
+        script = {
+            "/ok": emp.Answer(200, b"fine"),
+            "/gone": emp.HttpError(404, "not here"),
+            "/abuse": emp.HttpError(400, "refused", close=True),
+            "/allow": emp.HttpError(405, "wrong method", headers=(("Allow", "PUT"),)),
+            "/sts": emp.CredentialError("Throttling", "slow down"),
+            "/bug": RuntimeError("a bug"),
+            "/oserror": OSError("a bug that looks like a broken connection"),
+        }
+        self.wall = FakeClock()
+        self.wall.now = 1767225600.0   # Thu, 01 Jan 2026 00:00:00 GMT
+        self.server = emp.MetadataProxyServer(("127.0.0.1", 0), ScriptedService(script), wall_clock=self.wall)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+
+    def exchange(self, *paths):
+        """Send the requests on one connection; the raw answers until the server closes or 2 s pass."""
+        data = b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode() for path in paths[:-1])
+        data += b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % paths[-1].encode()
+        with socket.create_connection(self.server.server_address[:2], timeout=2) as sock:
+            sock.sendall(data)
+            received = b""
+            with contextlib.suppress(socket.timeout):
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return received, True
+                    received += chunk
+            return received, False
+
+    def test_refusals_are_answered_and_keep_the_connection_unless_abusive(self):
+        received, closed = self.exchange("/gone", "/allow", "/sts", "/ok", "/abuse", "/ok")
+        statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", received)
+        self.assertEqual(statuses, [b"404", b"405", b"503", b"200", b"400"])
+        self.assertTrue(closed)
+        self.assertIn(b"\r\n\r\n404 - Not Found", received)
+        self.assertIn(b"Allow: PUT\r\n", received)
+        self.assertIn(b'"Code": "Throttling"', received)
+        self.assertIn(b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n", received)   # the injected wall clock
+
+    def test_a_bug_costs_one_request_a_500_and_the_connection(self):
+        for path in ("/bug", "/oserror"):
+            with LogCapture() as logs:
+                received, closed = self.exchange(path, "/ok")
+            self.assertEqual(re.findall(rb"HTTP/1.1 (\d{3}) ", received), [b"500"], path)
+            self.assertTrue(closed)
+            self.assertIn("error answering", logs.text)
+        self.assertEqual(re.findall(rb"HTTP/1.1 (\d{3}) ", self.exchange("/ok")[0]), [b"200"])
 
 
 #####################################################################
@@ -2262,11 +2655,9 @@ class TestHostileInput(ProxyTestCase):
         self.docker.add_container("bad-1", ["127.0.0.66"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
         self.start()
 
-    def assertServesGoodContainer(self, within=1.0):
-        started = time.monotonic()
+    def assertServesGoodContainer(self):
         status, body = self.fx.credentials("127.0.0.2", "web-role")
         self.assertEqual(status, 200, body)
-        self.assertLess(time.monotonic() - started, within)
 
     def test_random_bytes_never_reach_host_credentials(self):
         import random
@@ -2302,7 +2693,6 @@ class TestHostileInput(ProxyTestCase):
                         break
                     data += chunk
             self.assertIn(data[:12], (b"", b"HTTP/1.1 408"))
-        self.assertLess(time.monotonic() - started, 5)
         # A header sent one byte at a time is cut off at the request timeout, not kept alive by each byte.
         with socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
                                       source_address=("127.0.0.66", 0)) as slow:
@@ -2319,18 +2709,16 @@ class TestHostileInput(ProxyTestCase):
             with contextlib.suppress(OSError):
                 answer = slow.recv(4096)
             self.assertTrue(answer.startswith(b"HTTP/1.1 408") or answer == b"", answer)
-            self.assertLess(time.monotonic() - started, 4)
 
     def test_a_body_trickling_in_is_cut_off_at_the_request_timeout(self):
         with socket.create_connection(("127.0.0.1", self.fx.port), timeout=10,
                                       source_address=("127.0.0.66", 0)) as slow:
             slow.sendall(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n")
-            started = time.monotonic()
+                         b"Content-Length: 100\r\n\r\n")
             answer = b""
-            for _ in range(20):   # a trailer line every 0.5 s: each one alone would beat a per-read timeout
+            for _ in range(20):   # a byte every 0.5 s: each one alone would beat a per-read timeout
                 try:
-                    slow.sendall(b"X-T: 1\r\n")
+                    slow.sendall(b"x")
                     time.sleep(0.5)
                     slow.setblocking(False)
                     answer = slow.recv(4096)
@@ -2340,7 +2728,6 @@ class TestHostileInput(ProxyTestCase):
                 except OSError:
                     break
             self.assertTrue(answer.startswith(b"HTTP/1.1 408") or answer == b"", answer)
-            self.assertLess(time.monotonic() - started, 4)
 
     def test_connection_caps_per_source_and_in_total(self):
         held = []
@@ -2348,14 +2735,18 @@ class TestHostileInput(ProxyTestCase):
         for _ in range(8):
             held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
                                                  source_address=("127.0.0.66", 0)))
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 8))
         answer = self.fx.raw(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\n\r\n", "127.0.0.66")
         self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
         self.assertServesGoodContainer()
-        for number in range(60):   # fill the total cap from many sources
+        for sock in held:
+            sock.close()
+        held.clear()
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 0))
+        for number in range(64):   # fill the total cap, one connection per source: none to reclaim
             held.append(socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
                                                  source_address=(f"127.0.2.{number + 1}", 0)))
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 64))
         answer = self.fx.raw(b"GET / HTTP/1.1\r\n\r\n", "127.0.0.2")
         self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 429"), answer)
         for sock in held:
@@ -2385,21 +2776,78 @@ class TestHostileInput(ProxyTestCase):
         flooders = [threading.Thread(target=flood) for _ in range(4)]
         for thread in flooders:
             thread.start()
-        time.sleep(0.3)
-        latencies = []
+        self.assertTrue(wait_until(lambda: counts[429] > 0))   # the flood is on
         try:
             for _ in range(20):
-                started = time.monotonic()
                 self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
-                latencies.append(time.monotonic() - started)
                 time.sleep(0.05)
         finally:
             stop.set()
             for thread in flooders:
                 thread.join(10)
         self.assertGreater(counts[429], 0, counts)    # the flood was throttled...
-        self.assertGreater(counts[200], 0, counts)    # ...not cut off
-        self.assertLess(max(latencies), 1.0)          # and the others were answered within SDK time-outs
+        self.assertGreater(counts[200], 0, counts)    # ...not cut off, and the others were served
+
+    def test_after_a_429_the_connection_closes_and_what_it_pipelined_is_dropped(self):
+        request = (b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n"
+                   b"Content-Length: 0\r\n\r\n")
+        received, closed = b"", False
+        with socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                      source_address=("127.0.0.66", 0)) as sock:
+            for _ in range(8):   # 400 requests, 50 per write: twice the burst of 200
+                with contextlib.suppress(OSError):
+                    sock.sendall(request * 50)
+            for _ in range(10000):
+                try:
+                    chunk = sock.recv(65536)
+                except (socket.timeout, ConnectionResetError):
+                    closed = True   # a reset: the proxy closed with requests unread
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+        self.assertTrue(closed)
+        self.assertLessEqual(received.count(b"HTTP/1.1 429 "), 1, received.count(b"HTTP/1.1 429 "))
+        self.assertLess(received.count(b"HTTP/1.1 "), 400)
+        self.assertServesGoodContainer()
+
+    def fill_the_cap(self, slow):
+        """8 sources holding 8 connections each: the cap of 64. Idle ones, or half-sent heads (slow)."""
+        held = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        for number in range(64):
+            sock = socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
+                                            source_address=(f"127.0.3.{number % 8 + 1}", 0))
+            if slow:
+                sock.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\nX-Slow: ")
+            held.append(sock)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 64))
+        return held
+
+    def closed_by_the_proxy(self, held):
+        closed = []
+        for sock in held:
+            sock.setblocking(False)
+            try:
+                closed.append(sock.recv(4096) == b"")
+            except BlockingIOError:
+                closed.append(False)
+            except OSError:
+                closed.append(True)
+        return sum(closed)
+
+    def test_a_newcomer_is_admitted_when_idle_connections_fill_the_cap(self):
+        held = self.fill_the_cap(slow=False)
+        self.assertServesGoodContainer()   # a source holding none
+        self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
+        self.assertEqual(self.closed_by_the_proxy(held), 1)   # one made room; the rest still open
+
+    def test_a_newcomer_is_admitted_when_slow_connections_fill_the_cap(self):
+        held = self.fill_the_cap(slow=True)
+        self.assertServesGoodContainer()
+        self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
+
 
 class TestTokenStorage(ProxyTestCase):
     """IMDSv2 tokens are stateless: a flood of token requests stores nothing."""

@@ -3055,9 +3055,12 @@ class EndToEndDockerTest(unittest.TestCase):
         try:
             allowed = self.run_container(label="web", steps="raw")
             self.assertEqual(allowed["roles"].strip(), "web-role", allowed)
-            for network, metadata in ((E2E_USER_NET, E2E_METADATA), (E2E_V6_NET, E2E_METADATA6)):
-                refused = self.socket_probe(metadata, 80, network=network)
-                self.assertEqual(refused["connect"], "ConnectionRefusedError", (network, refused))
+            refused = self.socket_probe(E2E_METADATA, 80, network=E2E_USER_NET)
+            self.assertEqual(refused["connect"], "ConnectionRefusedError", refused)
+            # Over IPv6 the ICMPv6 error does not always reach the container (seen both
+            # ways on the same kernel): not refused then, but never passed through either.
+            refused6 = self.socket_probe(E2E_METADATA6, 80, network=E2E_V6_NET)
+            self.assertIn(refused6["connect"], ("ConnectionRefusedError", "timeout"), refused6)
         finally:
             self.firewall(*self.firewall_args())
         self.assertEqual(self.our_rules_now(), self.our_rules)

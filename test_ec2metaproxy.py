@@ -2714,7 +2714,8 @@ class EndToEndDockerTest(unittest.TestCase):
         # dockerd turns on IPv4 forwarding itself, not IPv6's. Its ip6tables rules are
         # experimental before Docker 27 and off here: IPv6 containers are routed, not
         # masqueraded, and the metadata namespace routes their replies back.
-        e2e_run(e2e_in_netns(host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"))
+        # /proc/sys/net is the writer's namespace's (and procps' sysctl may not be installed).
+        e2e_run(e2e_in_netns(host, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"))
 
     @classmethod
     def _start_imds(cls):

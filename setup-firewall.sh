@@ -124,8 +124,8 @@ valid_iface_name() {
 
 # Reading the current state ##########################################################
 
-# TOOL is iptables or ip6tables; SAVE is the matching iptables-save or ip6tables-save,
-# read once per family into SAVED (a table that does not exist is not listed there).
+# TOOL is iptables or ip6tables; SAVED is the output of its -save, read once per family
+# before anything changes (a table that does not exist is not listed there).
 
 table_exists() { # SAVED TABLE
     grep -qx "\*$2" <<<"$1"
@@ -181,25 +181,18 @@ jump_lines() { # TOOL TABLE BUILTIN CHAIN: make the jump the first rule, exactly
 }
 
 apply_input() { # TOOL FAMILY(4|6) SAVED: restore input that installs our chains
-    # Refused with an ICMP error, not a TCP reset: the kernel sends a reset for bridged
-    # traffic straight out of the bridge port, without undoing the redirect, and the
+    local tool=$1 family=$2 saved=$3 table builtin chain iface
+    local metadata=$METADATA_IP/32 origin=$METADATA_IP redirect="REDIRECT --to-ports $PROXY_PORT"
+    # Refused with an ICMP error, not a TCP reset: the kernel sends the reset for bridged
+    # traffic straight out of the bridge port without undoing the redirect, and the
     # container never sees it.
-    local tool=$1 family=$2 saved=$3 table builtin chain metadata iface redirect reject
-
-    if [[ $family == 4 ]]; then
-        metadata=$METADATA_IP
-        reject=icmp-port-unreachable
-        if [[ -n $PROXY_IP ]]; then
-            redirect="DNAT --to-destination $PROXY_IP:$PROXY_PORT"
-        else
-            redirect="REDIRECT --to-ports $PROXY_PORT"
-        fi
-    else
-        metadata=$METADATA_IP6
-        reject=icmp6-port-unreachable
-        redirect="REDIRECT --to-ports $PROXY_PORT"
+    local reject=icmp-port-unreachable
+    if [[ $family == 6 ]]; then
+        metadata=$METADATA_IP6/128 origin=$METADATA_IP6 reject=icmp6-port-unreachable
+    elif [[ -n $PROXY_IP ]]; then
+        redirect="DNAT --to-destination $PROXY_IP:$PROXY_PORT"
     fi
-    local origin="-m conntrack --ctorigdst $metadata --ctorigdstport $METADATA_PORT"
+    origin="-m conntrack --ctorigdst $origin --ctorigdstport $METADATA_PORT"
 
     for table in "${TABLES[@]}"; do
         read -r builtin chain < <(builtin_of "$table")
@@ -224,13 +217,12 @@ apply_input() { # TOOL FAMILY(4|6) SAVED: restore input that installs our chains
         nat)
             # No -i: every interface, those that do not exist yet included.
             printf -- '-A %s -d %s -p tcp -m tcp --dport %s -j %s\n' \
-                "$chain" "$metadata/$([[ $family == 4 ]] && echo 32 || echo 128)" "$METADATA_PORT" "$redirect"
+                "$chain" "$metadata" "$METADATA_PORT" "$redirect"
             ;;
         mangle)
             # Only what escaped the redirect gets here: connections older than the rules,
             # or a rule someone put above our jump in nat PREROUTING.
-            printf -- '-A %s -d %s -p tcp -m tcp --dport %s -j DROP\n' \
-                "$chain" "$metadata/$([[ $family == 4 ]] && echo 32 || echo 128)" "$METADATA_PORT"
+            printf -- '-A %s -d %s -p tcp -m tcp --dport %s -j DROP\n' "$chain" "$metadata" "$METADATA_PORT"
             ;;
         esac
         jump_lines "$tool" "$table" "$builtin" "$chain"

@@ -2662,7 +2662,6 @@ class EndToEndDockerTest(unittest.TestCase):
         cls._start_imds()
         # The firewall goes in first, as at boot: no Docker, no docker0.
         cls.docker0_before_firewall = cls._link_exists("docker0")
-        cls.iptables_before = e2e_iptables_dump(cls.netns)
         e2e_run(e2e_in_netns(cls.netns, E2E_FIREWALL, *cls.firewall_args()))
         cls.iptables_firewall_only = e2e_iptables_dump(cls.netns)
         cls.our_rules = e2e_our_rules(cls.iptables_firewall_only)

@@ -3284,13 +3284,30 @@ class SdkClientTestCase(unittest.TestCase):
         fx.start()
         self.endpoint = f"http://{address}"
         if require_tokens:   # in force: a tokenless GET is refused, so a client that passes used IMDSv2
-            conn = http.client.HTTPConnection(address, 80, timeout=5)
-            try:
-                conn.request("GET", "/latest/meta-data/iam/security-credentials/")
-                self.assertEqual(conn.getresponse().status, 401)
-            finally:
-                conn.close()
+            self.assertEqual(self.ask(address, "GET", "/latest/meta-data/iam/security-credentials/")[0], 401)
+        # The container's credentials are cached before its client asks: a client's one-second
+        # IMDS timeout must not race the first AssumeRole on a loaded machine (not the subject here).
+        headers = {}
+        if require_tokens:
+            status, token = self.ask(address, "PUT", "/latest/api/token",
+                                     {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+            self.assertEqual(status, 200)
+            headers["X-aws-ec2-metadata-token"] = token
+        path = "/latest/meta-data/iam/security-credentials/web-role"
+        self.assertTrue(wait_until(lambda: self.ask(address, "GET", path, headers)[0] == 200, timeout=10,
+                                   interval=0.1), "no credentials cached for the container")
         return fx
+
+    @staticmethod
+    def ask(address, method, path, headers=None):
+        """One request to the proxy at address:80 from 127.0.0.1; returns (status, body text)."""
+        conn = http.client.HTTPConnection(address, 80, timeout=5)
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read().decode("latin-1")
+        finally:
+            conn.close()
 
     def client_env(self, **extra):
         """No AWS_* variable from here (the module sets the proxy's own keys), an empty HOME."""

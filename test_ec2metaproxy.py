@@ -4312,3 +4312,272 @@ class SetupFirewallTest(unittest.TestCase):
                      "--metadata-ip6", "--metadata-port", "--no-ipv6", "--remove", "--dry-run",
                      "--help"):
             self.assertIn(flag, out)
+
+
+#####################################################################
+# SDK clients #######################################################
+# The AWS SDKs and tools users run, as programs of their own (in .ci/sdk/), against a proxy
+# on port 80 of a loopback address, since Ruby's SDK ignores any port in its endpoint
+# setting (binding port 80 needs root, as in CI):
+#
+#     client (source 127.0.0.1: the container) --> proxy on 127.A.B.C:80 --AssumeRole--> moto
+#     client --GetCallerIdentity, with the credentials it got--> moto's STS server
+#
+# Each client runs with an empty HOME and no AWS_* variable but the metadata endpoint and the
+# region, so the metadata service is its only credential source, and once more under
+# requireTokens, where a GET without an IMDSv2 token gets 401: passing then proves it used
+# IMDSv2. .ci/run installs the toolchains; without one a class skips and says why, or fails
+# with CI=true or EC2METAPROXY_E2E_REQUIRED=1.
+
+SDK_DIR = os.path.join(HERE, ".ci", "sdk")
+SDK_REQUIRED = os.environ.get("EC2METAPROXY_E2E_REQUIRED") == "1" or os.environ.get("CI") == "true"
+SDK_CONTAINER = "sdk-app"
+SDK_CALLER = r"^arn:aws:sts::\d{12}:assumed-role/web-role/sdk-app$"
+SDK_KEEP_ALIVE_HINT = "timeout=5"   # the proxy's Keep-Alive header: it closes idle sockets after 5 s
+SDK_PAUSES = (4.5, 5.5)             # a kept socket asks again just under and just over that
+
+
+def sdk_unavailable(reason):
+    """Skip the class for reason; in CI (CI=true or EC2METAPROXY_E2E_REQUIRED=1), fail it."""
+    if SDK_REQUIRED:
+        raise AssertionError("running in CI but " + reason)
+    raise unittest.SkipTest(reason)
+
+
+def sdk_tool(name, hint):
+    """The path of tool `name` on PATH, or the class is unavailable (hint: how to install it)."""
+    path = shutil.which(name)
+    if path is None:
+        sdk_unavailable(f"{name} not found in PATH ({hint})")
+    return path
+
+
+def sdk_loopback_address():
+    """A 127.x.y.z whose port 80 is free now; unavailable when port 80 cannot be bound at all."""
+    rng = secrets.SystemRandom()
+    for _ in range(20):
+        address = "127.%d.%d.%d" % (rng.randint(100, 199), rng.randint(0, 255), rng.randint(1, 254))
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, 80))
+            except PermissionError:
+                sdk_unavailable("binding port 80 needs root (or net.ipv4.ip_unprivileged_port_start <= 80)")
+            except OSError:
+                continue
+        return address
+    raise AssertionError("no free port 80 on 20 random loopback addresses")
+
+
+class SdkClientTestCase(unittest.TestCase):
+    """Runs one client program against a proxy of its own, as container SDK_CONTAINER (role web-role)."""
+
+    def setUp(self):
+        STS.reset()
+        self.home = tempfile.mkdtemp(prefix="emp-sdk-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def start_proxy(self, require_tokens=False):
+        """A proxy on <127.x.y.z>:80 that knows the container at 127.0.0.1; sets self.endpoint."""
+        address = sdk_loopback_address()
+        fx = ProxyFixture(listen=f"{address}:80", requireTokens=require_tokens)
+        self.addCleanup(fx.stop)
+        fx.docker.add_container(SDK_CONTAINER, ["127.0.0.1"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        fx.start()
+        self.endpoint = f"http://{address}"
+        if require_tokens:   # in force: a tokenless GET is refused, so a client that passes used IMDSv2
+            self.assertEqual(self.ask(address, "GET", "/latest/meta-data/iam/security-credentials/")[0], 401)
+        # The container's credentials are cached before its client asks: a client's one-second
+        # IMDS timeout must not race the first AssumeRole on a loaded machine (not the subject here).
+        headers = {}
+        if require_tokens:
+            status, token = self.ask(address, "PUT", "/latest/api/token",
+                                     {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+            self.assertEqual(status, 200)
+            headers["X-aws-ec2-metadata-token"] = token
+        path = "/latest/meta-data/iam/security-credentials/web-role"
+        self.assertTrue(wait_until(lambda: self.ask(address, "GET", path, headers)[0] == 200, timeout=10,
+                                   interval=0.1), "no credentials cached for the container")
+        return fx
+
+    @staticmethod
+    def ask(address, method, path, headers=None):
+        """One request to the proxy at address:80 from 127.0.0.1; returns (status, body text)."""
+        conn = http.client.HTTPConnection(address, 80, timeout=5)
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read().decode("latin-1")
+        finally:
+            conn.close()
+
+    def client_env(self, **extra):
+        """No AWS_* variable from here (the module sets the proxy's own keys), an empty HOME."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+        env.update(HOME=self.home, AWS_EC2_METADATA_SERVICE_ENDPOINT=self.endpoint,
+                   AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+        env.update(extra)
+        return env
+
+    def run_client(self, argv, timeout=60, **env):
+        """Run argv to completion with client_env(**env); return its stdout."""
+        result = subprocess.run(argv, env=self.client_env(**env), cwd=self.home, capture_output=True, text=True,
+                                timeout=timeout, check=False)
+        self.assertEqual(result.returncode, 0, "%s exited %d: %s" % (os.path.basename(argv[0]), result.returncode,
+                                                                     result.stderr.strip()[-2000:]))
+        self.assertNotIn(HOST_MARKER, result.stdout + result.stderr)
+        return result.stdout
+
+    def assertCallers(self, stdout, ways):
+        """stdout has one JSON line per way in `ways`, each naming the container's role session."""
+        lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+        self.assertEqual([line["via"] for line in lines], list(ways), stdout)
+        for line in lines:
+            self.assertRegex(line["arn"], SDK_CALLER, line["via"])
+        return lines
+
+
+class TestJavaScriptSdk(SdkClientTestCase):
+    """AWS SDK for JavaScript v3 on Node (Debian's nodejs), packages from .ci/sdk/package-lock.json."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.node = sdk_tool("node", "apt-get install nodejs npm")
+        if not os.path.isdir(os.path.join(SDK_DIR, "node_modules", "@aws-sdk", "client-sts")):
+            sdk_unavailable("the JavaScript SDK is not installed (npm ci --prefix .ci/sdk)")
+
+    def test_credentials_from_the_proxy(self):
+        self.start_proxy()
+        out = self.run_client([self.node, os.path.join(SDK_DIR, "imds_credentials.js"), STS.moto_url])
+        self.assertCallers(out, ["fromInstanceMetadata", "default chain"])
+
+    def test_credentials_with_require_tokens(self):
+        self.start_proxy(require_tokens=True)
+        out = self.run_client([self.node, os.path.join(SDK_DIR, "imds_credentials.js"), STS.moto_url])
+        self.assertCallers(out, ["fromInstanceMetadata", "default chain"])
+
+    def test_a_kept_socket_is_served_after_pauses_around_the_keep_alive_timeout(self):
+        self.start_proxy(require_tokens=True)
+        out = self.run_client([self.node, os.path.join(SDK_DIR, "keep_alive.js"), self.endpoint]
+                              + [str(pause) for pause in SDK_PAUSES], timeout=60)
+        steps = {line["step"]: line for line in map(json.loads, out.splitlines())}
+        self.assertEqual(list(steps), ["token", "role list", "credentials"] + [f"after {p}s" for p in SDK_PAUSES])
+        for step in steps.values():
+            self.assertNotIn("error", step, out)   # no ECONNRESET, no timeout
+            self.assertEqual(step["status"], 200, out)
+            self.assertEqual(step["keepAlive"], SDK_KEEP_ALIVE_HINT, out)
+        self.assertEqual(steps["credentials"]["code"], "Success")
+        self.assertTrue(steps["role list"]["reused"], out)
+        # Just under the timeout the client's kept socket is still served; just over it,
+        # the proxy has closed it and the client opens a new one, without an error.
+        self.assertTrue(steps[f"after {SDK_PAUSES[0]}s"]["reused"], out)
+        self.assertEqual(steps[f"after {SDK_PAUSES[1]}s"]["role"], "web-role", out)
+
+
+class TestGoSdk(SdkClientTestCase):
+    """AWS SDK for Go v2 built offline from Debian's golang-go and golang-github-aws-aws-sdk-go-v2-dev."""
+
+    GOPATH = "/usr/share/gocode"
+
+    @classmethod
+    def setUpClass(cls):
+        go = sdk_tool("go", "apt-get install golang-go golang-github-aws-aws-sdk-go-v2-dev")
+        if not os.path.isdir(os.path.join(cls.GOPATH, "src/github.com/aws/aws-sdk-go-v2/service/sts")):
+            sdk_unavailable(f"the Go SDK's sources are not under {cls.GOPATH} "
+                            "(apt-get install golang-github-aws-aws-sdk-go-v2-dev)")
+        cls.build = tempfile.mkdtemp(prefix="emp-sdk-go-")
+        cls.client = os.path.join(cls.build, "sdk-client")
+        env = dict(os.environ, GO111MODULE="off", GOPATH=cls.GOPATH, GOFLAGS="")
+        result = subprocess.run([go, "build", "-o", cls.client, "main.go"], cwd=os.path.join(SDK_DIR, "go"),
+                                env=env, capture_output=True, text=True, timeout=300, check=False)
+        if result.returncode != 0:
+            shutil.rmtree(cls.build, ignore_errors=True)
+            raise AssertionError("go build failed: " + result.stderr[-2000:])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.build, ignore_errors=True)
+
+    def test_credentials_from_the_proxy(self):
+        self.start_proxy()
+        lines = self.assertCallers(self.run_client([self.client, STS.moto_url]), ["LoadDefaultConfig", "ec2rolecreds"])
+        self.assertEqual({line["source"] for line in lines}, {"EC2RoleProvider"})
+
+    def test_credentials_with_require_tokens(self):
+        self.start_proxy(require_tokens=True)
+        self.assertCallers(self.run_client([self.client, STS.moto_url]), ["LoadDefaultConfig", "ec2rolecreds"])
+
+
+class TestRubySdk(SdkClientTestCase):
+    """AWS SDK for Ruby from Debian's ruby-aws-sdk-core; it takes port 80 whatever the endpoint says."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ruby = sdk_tool("ruby", "apt-get install ruby-aws-sdk-core")
+        probe = subprocess.run([cls.ruby, "-e", "require 'aws-sdk-core'"], capture_output=True, text=True,
+                               timeout=60, check=False)
+        if probe.returncode != 0:
+            sdk_unavailable("ruby cannot load aws-sdk-core (apt-get install ruby-aws-sdk-core)")
+
+    def test_credentials_from_the_proxy(self):
+        self.start_proxy()
+        lines = self.assertCallers(self.run_client([self.ruby, os.path.join(SDK_DIR, "imds_credentials.rb"),
+                                                    STS.moto_url]),
+                                   ["default chain", "InstanceProfileCredentials"])
+        self.assertEqual(lines[0]["provider"], "Aws::InstanceProfileCredentials")
+
+    def test_credentials_with_require_tokens(self):
+        self.start_proxy(require_tokens=True)
+        self.assertCallers(self.run_client([self.ruby, os.path.join(SDK_DIR, "imds_credentials.rb"), STS.moto_url]),
+                           ["default chain", "InstanceProfileCredentials"])
+
+
+class TestAwsCli(SdkClientTestCase):
+    """AWS CLI v1 from PyPI (.ci/run installs the pinned one into .ci/sdk/.venv-awscli)."""
+
+    VENV_CLI = os.path.join(SDK_DIR, ".venv-awscli", "bin", "aws")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.aws = cls.VENV_CLI if os.access(cls.VENV_CLI, os.X_OK) else sdk_tool(
+            "aws", "python3 -m venv .ci/sdk/.venv-awscli && .ci/sdk/.venv-awscli/bin/pip install "
+                   "-r .ci/sdk/requirements-awscli.txt")
+
+    def caller(self):
+        out = self.run_client([self.aws, "sts", "get-caller-identity", "--endpoint-url", STS.moto_url,
+                               "--output", "json"])
+        return json.loads(out)["Arn"]
+
+    def test_credentials_from_the_proxy(self):
+        self.start_proxy()
+        self.assertRegex(self.caller(), SDK_CALLER)
+        # The metadata service was the only source: the CLI says so.
+        listing = self.run_client([self.aws, "configure", "list"])
+        # (not assertRegex: the listing shows the last characters of the secret key)
+        self.assertTrue(re.search(r"^\s*access_key\s+\S+\s+iam-role\s*$", listing, re.M),
+                        "aws configure list: the access key's type is not iam-role")
+
+    def test_credentials_with_require_tokens(self):
+        self.start_proxy(require_tokens=True)
+        self.assertRegex(self.caller(), SDK_CALLER)
+
+
+class TestCurlImdsV2(SdkClientTestCase):
+    """curl through the documented IMDSv2 shell flow, then GetCallerIdentity signed by curl --aws-sigv4."""
+
+    @classmethod
+    def setUpClass(cls):
+        curl = sdk_tool("curl", "apt-get install curl")
+        version = subprocess.run([curl, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        found = re.match(r"curl (\d+)\.(\d+)", version.stdout)
+        if not found or (int(found.group(1)), int(found.group(2))) < (7, 75):
+            sdk_unavailable("curl 7.75 or later is needed for --aws-sigv4")
+
+    def test_credentials_from_the_proxy(self):
+        self.start_proxy()
+        self.assertRegex(self.run_client([os.path.join(SDK_DIR, "imdsv2.sh"), self.endpoint, STS.moto_url]).strip(),
+                         SDK_CALLER)
+
+    def test_credentials_with_require_tokens(self):
+        self.start_proxy(require_tokens=True)
+        self.assertRegex(self.run_client([os.path.join(SDK_DIR, "imdsv2.sh"), self.endpoint, STS.moto_url]).strip(),
+                         SDK_CALLER)

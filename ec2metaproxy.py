@@ -16,6 +16,7 @@ Licence: MIT (see LICENSE).
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -29,6 +30,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import random
@@ -188,6 +190,8 @@ class Config:
     static_mappings: Tuple[Tuple[object, str], ...] = ()
     mock: bool = False
     require_tokens: bool = False
+    sts_rate: float = 25.0
+    sts_burst: float = 10.0
 
 
 def _expect(key: str, value, kind, what: str):
@@ -349,6 +353,12 @@ def parse_static_mappings(key: str, value) -> Tuple[Tuple[object, str], ...]:
     return tuple(mappings)
 
 
+def parse_positive(key: str, value, least: float, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+        raise ConfigError(f"{key}: {value!r} is not a number of {unit} (at least {least:g})")
+    return float(value)
+
+
 def _string_or_null(key, value):
     return None if value is None else _expect(key, value, str, "a string or null")
 
@@ -400,6 +410,8 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "staticMappings": ("static_mappings", parse_static_mappings),
     "mock": ("mock", lambda k, v: _expect(k, v, bool, "true or false")),
     "requireTokens": ("require_tokens", lambda k, v: _expect(k, v, bool, "true or false")),
+    "stsRate": ("sts_rate", lambda k, v: parse_positive(k, v, 0.1, "AssumeRole calls a second")),
+    "stsBurst": ("sts_burst", lambda k, v: parse_positive(k, v, 1.0, "AssumeRole calls")),
 }
 REQUIRED_KEYS = ("listen", "aliasToARN", "defaultAlias")
 
@@ -1450,6 +1462,97 @@ def refresh_margin(lifetime: float) -> float:
     return max(lifetime / 2, min(2400.0, lifetime - 300.0))
 
 
+REFRESH_JITTER = 0.1   # up to 10% more margin, drawn per refresh: sessions started together spread out
+
+
+def refresh_time(expiration: float, lifetime: float, draw: Callable[[], float] = random.random) -> float:
+    """When to refresh credentials expiring at expiration: refresh_margin early, plus jitter.
+
+    The jitter only ever refreshes earlier, so the 30-minute floor holds; the draw is a
+    seam for the fleet simulation in bench/.
+    """
+    return expiration - refresh_margin(lifetime) * (1.0 + REFRESH_JITTER * draw())
+
+
+THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded"})
+RETRY_BASE = 0.5            # the first retry after a failed AssumeRole, seconds (before jitter)
+# STS's account budget is spent and every host of the fleet is retrying too: back off further,
+# furthest for a refresh, whose credentials still have ten minutes or more above the floor.
+THROTTLED_RETRY_CAP = 60.0
+THROTTLED_REFRESH_CAP = 240.0
+
+
+def retry_delay(failures: int, error: CredentialError, cap: float, holding: bool = False) -> float:
+    """Seconds until the next AssumeRole for a key after `failures` failed calls in a row.
+
+    Quick after a blip; slower when STS says the account's budget is spent (retrying
+    fast then only spends it again; a refresh, holding valid credentials, can wait
+    longest) or when the error will not go away by itself.
+    """
+    if error.code in THROTTLE_CODES:
+        cap = max(cap, THROTTLED_REFRESH_CAP if holding else THROTTLED_RETRY_CAP)
+    elif not error.retryable:
+        cap *= 8
+    return backoff_delay(failures - 1, RETRY_BASE, cap)
+
+
+class StsPacer:
+    """One budget for every AssumeRole call of the process: a token bucket that halves its rate
+    when STS says Throttling and climbs back one step per quiet period (AIMD).
+
+    It never blocks and holds no lock of its own: its owner calls it under its own lock,
+    and the fleet simulation in bench/ drives it with a simulated clock.
+    """
+
+    SAME_EPISODE = 1.0   # throttles this close to the last cut answer calls already in flight
+
+    def __init__(self, rate: float = 25.0, burst: float = 10.0, floor: float = 0.5, quiet: float = 10.0,
+                 step: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
+        self.ceiling = rate
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.floor = min(floor, rate)
+        self.quiet = quiet
+        self.step = step if step is not None else max(rate / 10.0, 0.1)
+        self.throttles = 0
+        self._clock = clock
+        self._tokens = self.burst
+        self._filled_at = clock()
+        self._cut_at = -math.inf   # when the rate was last cut
+        self._calm_from = -math.inf   # quiet periods count from here (the last cut or step)
+
+    def take(self) -> float:
+        """Take one call's token and return 0.0, or return the seconds until one is there."""
+        now = self._clock()
+        self._climb(now)
+        self._tokens = min(self.burst, self._tokens + (now - self._filled_at) * self.rate)
+        self._filled_at = now
+        if self._tokens > 1.0 - 1e-9:   # a token refilled exactly on time, up to rounding
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def throttled(self) -> None:
+        """STS answered Throttling: halve the rate (not below the floor) and empty the bucket."""
+        now = self._clock()
+        self.throttles += 1
+        if now - self._cut_at < self.SAME_EPISODE:
+            return
+        self._climb(now)
+        self.rate = max(self.floor, self.rate / 2.0)
+        self._tokens = min(self._tokens, 0.0)
+        self._cut_at = self._calm_from = now
+
+    def _climb(self, now: float) -> None:
+        # Additive increase: one step for every quiet period since the last cut or step.
+        if self.rate >= self.ceiling:
+            return
+        steps = int((now - self._calm_from) // self.quiet)
+        if steps > 0:
+            self.rate = min(self.ceiling, self.rate + steps * self.step)
+            self._calm_from += steps * self.quiet
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
     """The cache's state for one (container, role) key."""
@@ -1458,6 +1561,7 @@ class _Entry:
     creds: Optional[Credentials] = None
     refresh_at: float = 0.0
     done: Optional[threading.Event] = None   # set when the fetch under way ends
+    released: bool = False   # paced and in the work queue
     running: bool = False
     error: Optional[CredentialError] = None
     failures: int = 0
@@ -1470,8 +1574,8 @@ class CredentialCache:
 
     Requests never wait on a lock held across I/O: STS calls run on worker
     threads; a request waits (bounded) only on the event of the fetch it needs.
-    Background fetches (prefetch, refresh, retry) are released at a paced rate;
-    a fetch a request is waiting for goes first.
+    Every fetch goes through one StsPacer: those a request waits for first,
+    then background work (prefetch, refresh, retry) as it comes due.
     """
 
     MIN_VALID = 60.0   # never hand out credentials with less than this left
@@ -1479,16 +1583,17 @@ class CredentialCache:
     # Work queue priorities: stopping first, then a fetch a request may wait for, then background work.
     STOP, REQUESTED, BACKGROUND = -1, 0, 1
 
-    def __init__(self, sts, workers: int = 6, background_rate: float = 25.0,
+    def __init__(self, sts, workers: int = 6, pacer: Optional[StsPacer] = None,
                  clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
         self._sts = sts
         self._clock = clock
-        self._rate = background_rate
+        self.pacer = pacer if pacer is not None else StsPacer()
         self._retry_cap = retry_cap
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
         self._by_container: Dict[str, set] = {}
         self._gone: Dict[str, float] = {}   # container id -> when it was dropped (oldest first)
         self._lock = threading.Lock()
+        self._waited_for: "collections.deque[Tuple[str, RoleSpec]]" = collections.deque()   # not yet paced
         self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # a heap of background work
         self._due_changed = threading.Condition(self._lock)
         self._work: "queue.PriorityQueue" = queue.PriorityQueue()
@@ -1532,7 +1637,7 @@ class CredentialCache:
         if now >= entry.refresh_at and entry.done is None and now >= entry.retry_at:
             with self._lock:
                 if entry.done is None:
-                    self._fetch_locked((container_id, spec), entry, self.REQUESTED)
+                    self._wait_for_locked((container_id, spec), entry)
         return entry.creds
 
     def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
@@ -1546,9 +1651,9 @@ class CredentialCache:
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
-                self._fetch_locked(key, entry, self.REQUESTED)
-            elif not entry.running:
-                self._enqueue(key, self.REQUESTED)   # released in the background but still queued: go first
+                self._wait_for_locked(key, entry)
+            elif entry.released and not entry.running:
+                self._enqueue(key, self.REQUESTED)   # paced as background work but still queued: go first
             done = entry.done
         done.wait(timeout)
         creds = entry.creds
@@ -1596,35 +1701,59 @@ class CredentialCache:
         heapq.heappush(self._due, (when, self._seq, key))
         self._due_changed.notify()
 
-    def _fetch_locked(self, key, entry: _Entry, priority: int) -> None:
+    def _wait_for_locked(self, key, entry: _Entry) -> None:
+        """A request waits for this fetch: it is paced ahead of all background work."""
         entry.done = threading.Event()
-        self._enqueue(key, priority)
+        self._waited_for.append(key)
+        self._due_changed.notify()
 
     def _enqueue(self, key, priority: int) -> None:
         self._seq += 1
         self._work.put((priority, self._seq, key))
 
     def _release_loop(self) -> None:
-        """Release due background fetches into the work queue, at most `rate` a second."""
-        interval = 1.0 / self._rate
+        """Release fetches into the work queue as the pacer allows: waited-for ones first."""
         while not self._stop.is_set():
             with self._lock:
-                now = self._clock()
-                if not self._due:
-                    self._due_changed.wait(1.0)
+                key, wake_in = self._next_locked()
+                if key is None:
+                    self._due_changed.wait(wake_in)
                     continue
-                when, _, key = self._due[0]
-                if when > now:
-                    self._due_changed.wait(min(when - now, 1.0))
+                pause = self.pacer.take()
+                if pause > 0:
+                    # Choose again after the pause: a request may come to wait meanwhile.
+                    self._due_changed.wait(min(pause, 1.0))
                     continue
-                heapq.heappop(self._due)
-                entry = self._entries.get(key)
-                needed = (entry is not None and entry.done is None
-                          and (entry.creds is None or now >= entry.refresh_at))
-                if needed:
-                    self._fetch_locked(key, entry, self.BACKGROUND)
-            if needed and self._stop.wait(interval):
-                return
+                entry = self._entries[key]
+                if self._waited_for and self._waited_for[0] == key:
+                    self._waited_for.popleft()
+                    priority = self.REQUESTED
+                else:
+                    heapq.heappop(self._due)
+                    entry.done = threading.Event()
+                    priority = self.BACKGROUND
+                entry.released = True
+                self._enqueue(key, priority)
+
+    def _next_locked(self) -> Tuple[Optional[Tuple[str, RoleSpec]], float]:
+        """The next fetch to release (None, and how long to sleep, when nothing is due)."""
+        while self._waited_for:
+            key = self._waited_for[0]
+            entry = self._entries.get(key)
+            if entry is not None and entry.done is not None and not entry.released:
+                return key, 0.0
+            self._waited_for.popleft()   # dropped meanwhile
+        now = self._clock()
+        while self._due:
+            when, _, key = self._due[0]
+            if when > now:
+                return None, min(when - now, 1.0)
+            entry = self._entries.get(key)
+            if (entry is not None and entry.done is None
+                    and (entry.creds is None or now >= entry.refresh_at)):
+                return key, 0.0
+            heapq.heappop(self._due)   # no longer needed
+        return None, 1.0
 
     def _work_loop(self) -> None:
         while True:
@@ -1650,21 +1779,23 @@ class CredentialCache:
             error = CredentialError("InternalError", type(exc).__name__)
         now = self._clock()
         with self._lock:
-            done, entry.done, entry.running = entry.done, None, False
+            done, entry.done, entry.running, entry.released = entry.done, None, False, False
+            if error is not None and error.code in THROTTLE_CODES:
+                self.pacer.throttled()
             if entry.orphan:
                 self._forget_locked(key)   # answer the request that made it; keep nothing
             current = self._entries.get(key) is entry
             if creds is not None:
                 lifetime = max(creds.expiration - now, 0.0)
                 entry.creds, entry.error, entry.failures = creds, None, 0
-                entry.refresh_at = creds.expiration - refresh_margin(lifetime) * random.uniform(1.0, 1.05)
+                entry.refresh_at = refresh_time(creds.expiration, lifetime)
                 if current:
                     self._schedule_locked(key, entry.refresh_at)
             else:
                 entry.error = error
                 entry.failures += 1
-                cap = self._retry_cap if error.retryable else self._retry_cap * 8
-                entry.retry_at = now + backoff_delay(entry.failures - 1, 0.5, cap)
+                holding = entry.creds is not None and entry.creds.expiration > now
+                entry.retry_at = now + retry_delay(entry.failures, error, self._retry_cap, holding)
                 if current:
                     self._schedule_locked(key, entry.retry_at)
         done.set()
@@ -2858,13 +2989,14 @@ class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 sts_rate: float = 25.0, mock_region: str = "us-east-1", clock: Callable[[], float] = time.time):
+                 mock_region: str = "us-east-1", clock: Callable[[], float] = time.time):
         self.config = config
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
         self.sts = sts if sts is not None else StsClient(
             config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url, clock=clock)
-        self.credentials = CredentialCache(self.sts, background_rate=sts_rate, clock=clock)
+        self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
+                                           clock=clock)
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import shutil
@@ -526,17 +527,16 @@ class ProxyFixture:
         self.imds = ImdsStandIn().start()
         data = base_config(dockerHost="unix://" + self.docker.socket_path, metadataURL=self.imds.url)
         data.update(config)
+        data.setdefault("stsRate", sts_rate)
         self.config = emp.parse_config(data)
         self.limits = limits
         self.wait_timeout = wait_timeout
-        self.sts_rate = sts_rate
         self.clock = clock   # a wall clock for credentials (expiry moved onto it), or the real one
         self.proxy = None
 
     def start(self):
         timing = {} if self.clock is None else {"clock": self.clock, "sts": ShiftedSts(self.clock)}
-        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
-                               sts_rate=self.sts_rate, **timing)
+        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout, **timing)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -713,6 +713,7 @@ class TestConfig(unittest.TestCase):
         self.assertIsNone(config.sts_region)
         self.assertIsNone(config.sts_endpoint)
         self.assertFalse(config.verbose)
+        self.assertEqual((config.sts_rate, config.sts_burst), (25.0, 10.0))
 
     def test_example_config_is_valid(self):
         config = emp.load_config(os.path.join(HERE, "config.example.json"))
@@ -753,6 +754,9 @@ class TestConfig(unittest.TestCase):
             (dict(good, defaultPolicy="{not json"), "defaultPolicy: not valid JSON"),
             (dict(good, defaultPolicy=[1]), "defaultPolicy: expected a policy document"),
             (dict(good, aliasLabel=5), "aliasLabel: expected a label name"),
+            (dict(good, stsRate=0), "stsRate: 0 is not a number of AssumeRole calls a second (at least 0.1)"),
+            (dict(good, stsRate="25"), "stsRate: '25' is not a number"),
+            (dict(good, stsBurst=True), "stsBurst: True is not a number of AssumeRole calls (at least 1)"),
             ([], "the top level must be a JSON object"),
         ]
         for data, expected in cases:
@@ -1394,6 +1398,84 @@ class TestStsClient(unittest.TestCase):
         self.assertLess(emp.refresh_margin(900), 900)
 
 
+class TestStsPacer(unittest.TestCase):
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.clock.now = 1000.0
+        self.pacer = emp.StsPacer(rate=20.0, burst=3.0, floor=1.0, quiet=10.0, step=2.0, clock=self.clock)
+
+    def test_a_burst_then_one_call_per_interval(self):
+        self.assertEqual([self.pacer.take() for _ in range(3)], [0.0, 0.0, 0.0])
+        self.assertAlmostEqual(self.pacer.take(), 0.05)
+        self.clock.now += 0.05
+        self.assertEqual(self.pacer.take(), 0.0)
+        self.assertGreater(self.pacer.take(), 0.0)
+
+    def test_throttling_halves_the_rate_once_per_episode_down_to_the_floor(self):
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.assertGreater(self.pacer.take(), 0.0)   # the bucket was emptied
+        self.clock.now += 0.5
+        self.pacer.throttled()   # calls already in flight when the rate was cut
+        self.assertEqual(self.pacer.rate, 10.0)
+        for expected in (5.0, 2.5, 1.25, 1.0, 1.0):
+            self.clock.now += 1.0
+            self.pacer.throttled()
+            self.assertEqual(self.pacer.rate, expected)
+        self.assertEqual(self.pacer.throttles, 7)
+
+    def test_the_rate_climbs_back_one_step_per_quiet_period(self):
+        self.pacer.throttled()
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.clock.now += 9.9
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.clock.now += 0.1
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 12.0)
+        self.clock.now += 25.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 16.0)
+        self.clock.now += 100.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 20.0)   # never above the configured rate
+
+    def test_a_throttle_after_a_climb_cuts_again(self):
+        self.pacer.throttled()
+        self.clock.now += 10.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 12.0)
+        self.clock.now += 0.2   # right after a step, not after a cut: a new episode
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 6.0)
+
+    def test_refresh_time_keeps_the_floor_and_spreads(self):
+        expiration = 10_000.0
+        self.assertEqual(emp.refresh_time(expiration, 3600, draw=lambda: 0.0), expiration - 2400)
+        self.assertEqual(emp.refresh_time(expiration, 3600, draw=lambda: 1.0), expiration - 2640)
+        draw = random.Random(7).random
+        times = [emp.refresh_time(expiration, 3600, draw=draw) for _ in range(1000)]
+        self.assertGreaterEqual(min(expiration - t for t in times), 1800)
+        self.assertGreater(max(times) - min(times), 200)   # 1,000 sessions do not refresh together
+        per_second = collections.Counter(int(t) for t in times)
+        self.assertLessEqual(max(per_second.values()), 20)
+
+
+class TestRetryDelay(unittest.TestCase):
+
+    def test_throttling_backs_off_longer_than_a_blip(self):
+        throttled = emp.CredentialError("Throttling", "Rate exceeded")
+        blip = emp.CredentialError("InternalFailure", "stand-in failure")
+        denied = emp.CredentialError("AccessDenied", "no", retryable=False)
+        for _ in range(50):
+            self.assertTrue(0.25 <= emp.retry_delay(1, throttled, 8.0) <= 0.5)
+            self.assertTrue(4.0 <= emp.retry_delay(10, blip, 8.0) <= 8.0)
+            self.assertTrue(30.0 <= emp.retry_delay(10, throttled, 8.0) <= 60.0)
+            self.assertTrue(32.0 <= emp.retry_delay(10, denied, 8.0) <= 64.0)
+
+
 class ShiftedSts:
     """The real StsClient against moto, its expiry moved onto a FakeClock's time line."""
 
@@ -1413,7 +1495,7 @@ class TestCredentialCache(unittest.TestCase):
     def setUp(self):
         STS.reset()
         self.clock = FakeClock()
-        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200)
+        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200))
         self.cache.start()
         self.addCleanup(self.cache.stop)
         self.spec = emp.RoleSpec(arn("web-role"), "web-1")
@@ -1501,6 +1583,42 @@ class TestCredentialCache(unittest.TestCase):
         self.assertEqual(STS.assume_calls(), 2)
         self.assertEqual([request.get("Policy") for request in STS.requests], [None, '{"Statement":[]}'])
 
+    def test_a_fetch_a_request_waits_for_goes_before_background_work(self):
+        pacer_clock = FakeClock()
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock,
+                                    pacer=emp.StsPacer(rate=1.0, burst=1.0, clock=pacer_clock))
+        cache.start()
+        self.addCleanup(cache.stop)
+        for number in range(1, 5):
+            cache.prefetch(f"c{number}", f"bg-{number}", emp.RoleSpec(arn("web-role"), f"bg-{number}"))
+        self.assertTrue(wait_until(lambda: cache.cached("c1", emp.RoleSpec(arn("web-role"), "bg-1"))))
+        waiter = threading.Thread(target=lambda: cache.get("c9", "asked-9", emp.RoleSpec(arn("web-role"), "asked-9"), 5))
+        waiter.start()
+        self.assertTrue(wait_until(lambda: len(cache) == 5))   # the request's entry: it waits for a token
+        self.assertEqual(STS.assume_calls(), 1)
+        pacer_clock.now += 1.0   # one token: it must go to the request, not to c2
+        waiter.join(5)
+        self.assertFalse(waiter.is_alive())
+        names = [form.get("RoleSessionName") for form in STS.requests if form.get("Action") == "AssumeRole"]
+        self.assertEqual(names, ["bg-1", "asked-9"])
+
+    def test_throttling_slows_every_sts_call_and_quiet_brings_the_rate_back(self):
+        pacer_clock = FakeClock()
+        pacer = emp.StsPacer(rate=40.0, burst=5.0, quiet=10.0, step=10.0, clock=pacer_clock)
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=pacer)
+        cache.start()
+        self.addCleanup(cache.stop)
+        STS.mode = "throttle"
+        with self.assertRaises(emp.CredentialError) as caught:
+            cache.get("c1", "web-1", self.spec, 5)
+        self.assertEqual(caught.exception.code, "Throttling")
+        self.assertEqual(pacer.rate, 20.0)
+        STS.mode = "ok"
+        pacer_clock.now += 20.0
+        self.clock.now += 10.0   # past the retry backoff
+        self.assertEqual(cache.get("c1", "web-1", self.spec, 5).access_key_id[:4], "ASIA")
+        self.assertEqual(pacer.rate, 40.0)
+
     def test_keys_separate_containers_and_options_and_drop_removes(self):
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)
@@ -1518,7 +1636,7 @@ class TestContainerLifecycle(unittest.TestCase):
         STS.reset()
         self.clock = FakeClock()
         self.roles = emp.RoleResolver(emp.parse_config(base_config()))
-        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200)
+        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200))
         self.cache.start()
         self.addCleanup(self.cache.stop)
         self.lifecycle = emp.ContainerLifecycle(self.roles, self.cache)

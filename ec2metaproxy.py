@@ -192,6 +192,7 @@ class Config:
     require_tokens: bool = False
     sts_rate: float = 25.0
     sts_burst: float = 10.0
+    session_scope: str = "container"
 
 
 def _expect(key: str, value, kind, what: str):
@@ -353,6 +354,12 @@ def parse_static_mappings(key: str, value) -> Tuple[Tuple[object, str], ...]:
     return tuple(mappings)
 
 
+def parse_choice(key: str, value, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
 def parse_positive(key: str, value, least: float, unit: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
         raise ConfigError(f"{key}: {value!r} is not a number of {unit} (at least {least:g})")
@@ -412,7 +419,11 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "requireTokens": ("require_tokens", lambda k, v: _expect(k, v, bool, "true or false")),
     "stsRate": ("sts_rate", lambda k, v: parse_positive(k, v, 0.1, "AssumeRole calls a second")),
     "stsBurst": ("sts_burst", lambda k, v: parse_positive(k, v, 1.0, "AssumeRole calls")),
+    "sessionScope": ("session_scope", lambda k, v: parse_choice(k, v, SESSION_SCOPES)),
 }
+SESSION_SCOPES = ("container", "role")
+SHARED_SESSION_NAME = "ec2metaproxy"   # sessionScope "role" without a sessionName of its own
+CONTAINER_PLACEHOLDERS = re.compile(r"\{(name|id|env:[^{}]+)\}")   # differ from container to container
 REQUIRED_KEYS = ("listen", "aliasToARN", "defaultAlias")
 
 
@@ -439,6 +450,13 @@ def parse_config(data) -> Config:
         field, parser = CONFIG_KEYS[key]
         if parser is not None:
             values[field] = parser(key, raw)
+    if values.get("session_scope") == "role":
+        values.setdefault("session_name", SHARED_SESSION_NAME)
+        for key, field in (("sessionName", "session_name"), ("sourceIdentity", "source_identity")):
+            named = CONTAINER_PLACEHOLDERS.search(values.get(field) or "")
+            if named:
+                raise ConfigError(f"{key}: {named.group(0)} names the container, but with sessionScope "
+                                  f"'role' containers share one session")
     config = Config(**values)
     if config.default_alias is not None and config.default_alias not in config.alias_to_arn:
         raise ConfigError(f"defaultAlias: {config.default_alias!r} is not an alias in aliasToARN")
@@ -1506,7 +1524,10 @@ class StsPacer:
 
     SAME_EPISODE = 1.0   # throttles this close to the last cut answer calls already in flight
 
-    def __init__(self, rate: float = 25.0, burst: float = 10.0, floor: float = 0.5, quiet: float = 10.0,
+    # The floor and the quiet period are set for a fleet: 10,000 hosts sharing an account's
+    # few hundred calls a second get about 0.05 each, and a host that climbs back within
+    # seconds only spends STS's budget on Throttling answers (docs/fleet.md, bench/fleet_sim.py).
+    def __init__(self, rate: float = 25.0, burst: float = 10.0, floor: float = 0.05, quiet: float = 60.0,
                  step: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
         self.ceiling = rate
         self.rate = rate
@@ -1583,14 +1604,18 @@ class CredentialCache:
     # Work queue priorities: stopping first, then a fetch a request may wait for, then background work.
     STOP, REQUESTED, BACKGROUND = -1, 0, 1
 
+    SHARED = ""   # the owner part of a key shared by every container with the same RoleSpec
+
     def __init__(self, sts, workers: int = 6, pacer: Optional[StsPacer] = None,
-                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0, shared: bool = False):
         self._sts = sts
         self._clock = clock
         self.pacer = pacer if pacer is not None else StsPacer()
         self._retry_cap = retry_cap
+        self._shared = shared   # sessionScope "role": one session per RoleSpec, not per container
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
-        self._by_container: Dict[str, set] = {}
+        self._by_container: Dict[str, set] = {}   # container id -> the keys it uses
+        self._users: Dict[Tuple[str, RoleSpec], set] = {}   # key -> the containers using it
         self._gone: Dict[str, float] = {}   # container id -> when it was dropped (oldest first)
         self._lock = threading.Lock()
         self._waited_for: "collections.deque[Tuple[str, RoleSpec]]" = collections.deque()   # not yet paced
@@ -1628,16 +1653,20 @@ class CredentialCache:
 
     def cached(self, container_id: str, spec: RoleSpec) -> Optional[Credentials]:
         """Credentials to hand out now, without waiting; schedules a refresh when one is due."""
-        entry = self._entries.get((container_id, spec))
+        key = self._key(container_id, spec)
+        entry = self._entries.get(key)
         if entry is None or entry.creds is None:
             return None
+        if self._shared and container_id not in self._users.get(key, ()):
+            with self._lock:   # another container's session: count this one among its users
+                self._use_locked(key, entry, container_id)
         now = self._clock()
         if entry.creds.expiration - now <= self.MIN_VALID:
             return None
         if now >= entry.refresh_at and entry.done is None and now >= entry.retry_at:
             with self._lock:
                 if entry.done is None:
-                    self._wait_for_locked((container_id, spec), entry)
+                    self._wait_for_locked(key, entry)
         return entry.creds
 
     def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
@@ -1645,9 +1674,9 @@ class CredentialCache:
         creds = self.cached(container_id, spec)
         if creds is not None:
             return creds
-        key = (container_id, spec)
+        key = self._key(container_id, spec)
         with self._lock:
-            entry = self._entry_locked(key, label)
+            entry = self._entry_locked(key, container_id, label)
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
@@ -1667,34 +1696,50 @@ class CredentialCache:
         """Fetch credentials for a new container in the background (paced)."""
         with self._lock:
             self._gone.pop(container_id, None)   # a restart keeps the id
-            entry = self._entry_locked((container_id, spec), label)
+            key = self._key(container_id, spec)
+            entry = self._entry_locked(key, container_id, label)
             if entry.creds is None and entry.done is None:
-                self._schedule_locked((container_id, spec), self._clock())
+                self._schedule_locked(key, self._clock())
 
     def drop_container(self, container_id: str) -> None:
-        """Forget every credential of a container that is gone."""
+        """Forget every credential of a container that is gone (a shared one with its last user)."""
         with self._lock:
             for key in self._by_container.pop(container_id, ()):
-                self._entries.pop(key, None)
+                users = self._users.get(key, set())
+                users.discard(container_id)
+                if not users:
+                    self._users.pop(key, None)
+                    self._entries.pop(key, None)
             now = self._clock()
             self._gone.pop(container_id, None)
             self._gone[container_id] = now
             while self._gone and next(iter(self._gone.values())) < now - self.GONE_REMEMBERED:
                 del self._gone[next(iter(self._gone))]
 
-    def _entry_locked(self, key, label: str) -> _Entry:
+    def _key(self, container_id: str, spec: RoleSpec) -> Tuple[str, RoleSpec]:
+        return (self.SHARED if self._shared else container_id, spec)
+
+    def _entry_locked(self, key, container_id: str, label: str) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(label, orphan=key[0] in self._gone)
-            self._by_container.setdefault(key[0], set()).add(key)
+            entry = self._entries[key] = _Entry(label, orphan=container_id in self._gone)
+        self._use_locked(key, entry, container_id)
         return entry
+
+    def _use_locked(self, key, entry: _Entry, container_id: str) -> None:
+        if container_id in self._gone or self._entries.get(key) is not entry:
+            return   # a request that raced its container's removal (or the entry's) adds no user
+        entry.orphan = False   # a live container uses it (a shared session, say): keep it
+        self._users.setdefault(key, set()).add(container_id)
+        self._by_container.setdefault(container_id, set()).add(key)
 
     def _forget_locked(self, key) -> None:
         self._entries.pop(key, None)
-        keys = self._by_container.get(key[0], set())
-        keys.discard(key)
-        if not keys:
-            self._by_container.pop(key[0], None)
+        for user in self._users.pop(key, ()):
+            keys = self._by_container.get(user, set())
+            keys.discard(key)
+            if not keys:
+                self._by_container.pop(user, None)
 
     def _schedule_locked(self, key, when: float) -> None:
         self._seq += 1
@@ -1768,7 +1813,7 @@ class CredentialCache:
             self._fetch(key, entry)
 
     def _fetch(self, key, entry: _Entry) -> None:
-        container_id, spec = key
+        spec = key[1]
         creds = error = None
         try:
             creds = self._sts.assume_role(spec)
@@ -2996,7 +3041,7 @@ class Proxy:
         self.sts = sts if sts is not None else StsClient(
             config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url, clock=clock)
         self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
-                                           clock=clock)
+                                           clock=clock, shared=config.session_scope == "role")
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,

@@ -528,6 +528,7 @@ class ProxyFixture:
         data = base_config(dockerHost="unix://" + self.docker.socket_path, metadataURL=self.imds.url)
         data.update(config)
         data.setdefault("stsRate", sts_rate)
+        self.config_data = data
         self.config = emp.parse_config(data)
         self.limits = limits
         self.wait_timeout = wait_timeout
@@ -714,6 +715,10 @@ class TestConfig(unittest.TestCase):
         self.assertIsNone(config.sts_endpoint)
         self.assertFalse(config.verbose)
         self.assertEqual((config.sts_rate, config.sts_burst), (25.0, 10.0))
+        self.assertEqual((config.session_scope, config.session_name), ("container", "{name}"))
+        shared = emp.parse_config({"listen": ":18000", "aliasToARN": {"a": arn("a")}, "defaultAlias": None,
+                                   "sessionScope": "role"})
+        self.assertEqual(shared.session_name, "ec2metaproxy")
 
     def test_example_config_is_valid(self):
         config = emp.load_config(os.path.join(HERE, "config.example.json"))
@@ -757,6 +762,11 @@ class TestConfig(unittest.TestCase):
             (dict(good, stsRate=0), "stsRate: 0 is not a number of AssumeRole calls a second (at least 0.1)"),
             (dict(good, stsRate="25"), "stsRate: '25' is not a number"),
             (dict(good, stsBurst=True), "stsBurst: True is not a number of AssumeRole calls (at least 1)"),
+            (dict(good, sessionScope="host"), "sessionScope: 'host' is not one of 'container', 'role'"),
+            (dict(good, sessionScope="role", sessionName="app-{name}"),
+             "sessionName: {name} names the container, but with sessionScope 'role' containers share one session"),
+            (dict(good, sessionScope="role", sessionName="{id}"), "sessionName: {id} names the container"),
+            (dict(good, sessionScope="role", sourceIdentity="{env:USER}"), "sourceIdentity: {env:USER} names"),
             ([], "the top level must be a JSON object"),
         ]
         for data, expected in cases:
@@ -1619,7 +1629,25 @@ class TestCredentialCache(unittest.TestCase):
         self.assertEqual(cache.get("c1", "web-1", self.spec, 5).access_key_id[:4], "ASIA")
         self.assertEqual(pacer.rate, 40.0)
 
-    def test_keys_separate_containers_and_options_and_drop_removes(self):
+    def test_a_shared_session_serves_every_container_of_its_spec_until_the_last_is_gone(self):
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200), shared=True)
+        cache.start()
+        self.addCleanup(cache.stop)
+        shared = emp.RoleSpec(arn("web-role"), "ec2metaproxy")
+        other = emp.RoleSpec(arn("web-role"), "ec2metaproxy", policy='{"Statement":[]}')
+        keys = {cache.get(cid, cid, shared, 5).access_key_id for cid in ("c1", "c2", "c3")}
+        self.assertEqual(len(keys), 1)
+        self.assertEqual(STS.assume_calls(), 1)
+        self.assertNotIn(cache.get("c4", "c4", other, 5).access_key_id, keys)   # another spec: its own session
+        self.assertEqual(STS.assume_calls(), 2)
+        cache.drop_container("c1")
+        cache.drop_container("c2")
+        self.assertIn(cache.cached("c3", shared).access_key_id, keys)   # still in use by c3
+        cache.drop_container("c3")
+        self.assertIsNone(cache.cached("c3", shared))
+        self.assertEqual(len(cache), 1)   # only c4's
+
+
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)
         self.assertNotEqual(one.access_key_id, self.cache.get("c2", "web-2", self.spec, 5).access_key_id)
@@ -2227,6 +2255,31 @@ class TestMigrationEndToEnd(ProxyTestCase):
         self.start()
         keys = {self.fx.credentials(ip, "web-role")[1]["AccessKeyId"] for ip in ("127.0.0.7", "127.0.0.8", "127.0.0.9")}
         self.assertEqual(len(keys), 3)
+
+
+class TestSessionScope(ProxyTestCase):
+    """sessionScope: one STS session per container (the default) or one per role and options."""
+
+    def three_web_containers(self):
+        for number in range(3):
+            self.docker.add_container(f"web-{number}", [f"127.0.6.{number + 1}"],
+                                      labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.start()
+        answers = [self.fx.credentials(f"127.0.6.{number + 1}", "web-role") for number in range(3)]
+        self.assertEqual([status for status, _ in answers], [200, 200, 200])
+        return {creds["AccessKeyId"] for _, creds in answers}
+
+    def session_names(self):
+        return sorted(form["RoleSessionName"] for form in STS.requests if form.get("Action") == "AssumeRole")
+
+    def test_by_default_every_container_has_its_own_session(self):
+        self.assertEqual(len(self.three_web_containers()), 3)
+        self.assertEqual(self.session_names(), ["web-0", "web-1", "web-2"])
+
+    def test_role_scope_shares_one_session_named_without_the_container(self):
+        self.fx.config = emp.parse_config(dict(self.fx.config_data, sessionScope="role"))
+        self.assertEqual(len(self.three_web_containers()), 1)
+        self.assertEqual(self.session_names(), ["ec2metaproxy"])
 
 
 class TestMockMode(ProxyTestCase):

@@ -1373,12 +1373,23 @@ class StsClient:
             session.set_config_variable("ec2_metadata_service_endpoint", self._metadata_url + "/")
         session.set_config_variable("metadata_service_timeout", 1)
         session.set_config_variable("metadata_service_num_attempts", 2)
+        # The region's own endpoint, never the global one in us-east-1 (older botocore's default).
+        session.set_config_variable("sts_regional_endpoints", "regional")
         return session
 
     def _make_client(self):
         boto_session = self._boto3.session.Session(botocore_session=self._session())
         return boto_session.client("sts", region_name=self._region, endpoint_url=self._endpoint,
                                    config=self._client_config)
+
+    def use_region(self, region: str) -> None:
+        """The region whose STS endpoint to call (the instance's), if the config names none."""
+        if self._region is None and self._endpoint is None:
+            self._region = region
+
+    def endpoint(self) -> str:
+        """The STS endpoint the client calls (building the client if it is not built yet)."""
+        return self.client().meta.endpoint_url
 
     def credential_source(self) -> Optional[str]:
         """Where the proxy's own AWS credentials come from (botocore's name for it), or None."""
@@ -2065,6 +2076,10 @@ def credential_error_answer(exc: CredentialError, now: float) -> Answer:
     return Answer(503, json.dumps(error, indent=2).encode())
 
 
+REGION_PATH = "/latest/meta-data/placement/region"
+REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+
+
 class MetadataUpstream:
     """The host's real metadata service over kept-alive connections, with the proxy's own IMDSv2 token."""
 
@@ -2165,6 +2180,15 @@ class MetadataUpstream:
                 continue
             return status, location, body
         return status, location, body
+
+    def region(self) -> Optional[str]:
+        """The instance's region from placement/region, or None if the service does not say."""
+        try:
+            status, _, body = self.fetch("GET", REGION_PATH)
+        except HttpError:
+            return None
+        region = body.decode("ascii", "replace").strip()
+        return region if status == 200 and REGION_NAME.match(region) else None
 
     def probe(self) -> bool:
         """Try the service once (start-up); log once when it is or is not reachable."""
@@ -3030,12 +3054,16 @@ class StartupError(Exception):
     """The proxy cannot start (port in use, Docker socket path not a socket)."""
 
 
+MOCK_REGION = "us-east-1"   # what the mock metadata tree says when nothing names a region
+
+
 class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 mock_region: str = "us-east-1", clock: Callable[[], float] = time.time):
+                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time):
         self.config = config
+        self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
         self.sts = sts if sts is not None else StsClient(
@@ -3047,7 +3075,7 @@ class Proxy:
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
                                      on_change=self.lifecycle.changed)
         if config.mock:
-            self.upstream = MockUpstream(MockMetadata(config.sts_region or mock_region))
+            self.upstream = MockUpstream(MockMetadata(config.sts_region or env_region or MOCK_REGION))
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(clock=clock),
@@ -3076,7 +3104,8 @@ class Proxy:
         return self.server.server_address[:2]
 
     def start(self) -> None:
-        """Everything but the accept loop: list containers first, so the first requests are known."""
+        """Everything but the accept loop: STS and the container list first, so first requests are known."""
+        self._prepare_sts()
         self.credentials.start()
         self.watcher.sync_once()
         self.watcher.start()
@@ -3086,6 +3115,31 @@ class Proxy:
         log.info("ec2metaproxy %s listening on %s:%d (%d containers, %d aliases%s)", __version__,
                  f"[{host}]" if ":" in host else host, port, len(self.index), len(self.config.alias_to_arn),
                  ", mock metadata" if self.config.mock else "")
+
+    def _prepare_sts(self) -> None:
+        """Choose the STS region and build the client now, so the first request does not pay for it.
+
+        With no stsRegion, stsEndpoint or region in the environment, the instance's own
+        region comes from the metadata service: a fleet never depends on us-east-1.
+        """
+        if not isinstance(self.sts, StsClient):
+            return
+        config = self.config
+        if config.sts_region or config.sts_endpoint or self.env_region:
+            self.sts.use_region(config.sts_region or self.env_region)
+        elif config.mock:
+            log.info("mock mode: the STS region comes from boto3's own configuration")
+        else:
+            region = self.upstream.region()
+            if region:
+                self.sts.use_region(region)
+            else:
+                log.warning("the instance's region is unknown (the metadata service did not say); "
+                            "the STS region comes from boto3's own configuration")
+        try:
+            log.info("STS endpoint: %s", self.sts.endpoint())
+        except CredentialError as exc:
+            log.warning("cannot build the STS client yet: %s", exc)
 
     def _probe_upstream(self) -> None:
         if self.config.mock:
@@ -3102,8 +3156,6 @@ class Proxy:
         if not hasattr(self.sts, "credential_source"):
             return
         backoff = Backoff(self._stop, base=2.0, cap=60.0)
-        with contextlib.suppress(CredentialError):
-            self.sts.client()   # build it now, not on the first container's request
         while not self._stop.is_set():
             source = self.sts.credential_source()
             if source:
@@ -3157,7 +3209,7 @@ def main(argv=None) -> int:
         # this switch from the environment only.
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     try:
-        proxy = Proxy(config, mock_region=os.environ.get("AWS_REGION") or "us-east-1")
+        proxy = Proxy(config, env_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
     except StartupError as exc:
         print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1

@@ -393,6 +393,7 @@ class ImdsStandIn:
         self.require_token = False
         self.lock = threading.Lock()
         self.token = "host-imds-token-" + secrets.token_hex(8)
+        self.region = "ap-southeast-2"
         self._server = None
 
     def start(self, port=0, host="127.0.0.1"):
@@ -434,6 +435,7 @@ class ImdsStandIn:
                 answers = {
                     "/latest/meta-data/instance-id": "i-0host0000000000",
                     "/latest/meta-data/local-ipv4": "10.0.0.10",
+                    "/latest/meta-data/placement/region": stand_in.region,
                     "/latest/meta-data/iam/security-credentials/": "host-role",
                     "/latest/meta-data/iam/security-credentials/host-role": creds,
                     "/latest/meta-data/iam/info": json.dumps({"InstanceProfileArn": HOST_MARKER}),
@@ -521,7 +523,8 @@ def base_config(**overrides):
 class ProxyFixture:
     """A whole proxy in this process on 127.0.0.1, with its own Docker and IMDS stand-ins."""
 
-    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=None, **config):
+    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=None, env_region=None,
+                 **config):
         self.tmp = tempfile.mkdtemp(prefix="emp-test-")
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.imds = ImdsStandIn().start()
@@ -533,11 +536,13 @@ class ProxyFixture:
         self.limits = limits
         self.wait_timeout = wait_timeout
         self.clock = clock   # a wall clock for credentials (expiry moved onto it), or the real one
+        self.env_region = env_region
         self.proxy = None
 
     def start(self):
         timing = {} if self.clock is None else {"clock": self.clock, "sts": ShiftedSts(self.clock)}
-        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout, **timing)
+        self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
+                               env_region=self.env_region, **timing)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -3194,6 +3199,47 @@ class TestProxy(unittest.TestCase):
         proxy = emp.Proxy(config, sts=ShiftedSts(FakeClock()))
         self.addCleanup(proxy.server.server_close)
         self.assertNotIn("AWS_EC2_METADATA_DISABLED", os.environ)
+
+
+class TestStsRegion(unittest.TestCase):
+    """Which STS endpoint the proxy calls: the config's, the environment's, else the instance's region."""
+
+    def start_proxy(self, env_region=None, imds_region="ap-southeast-2", **config):
+        fx = ProxyFixture(env_region=env_region, **dict({"stsRegion": None, "stsEndpoint": None}, **config))
+        self.addCleanup(fx.stop)
+        fx.imds.region = imds_region
+        with LogCapture() as logs:
+            fx.start()
+        return fx, logs.text
+
+    def region_asked(self, fx):
+        return [(method, path, {k.lower(): v for k, v in headers.items()}.get("x-aws-ec2-metadata-token"))
+                for method, path, headers in fx.imds.requests
+                if path == "/latest/meta-data/placement/region"]
+
+    def test_the_instances_region_by_default_asked_with_an_imdsv2_token(self):
+        # The regional endpoint even where boto's own configuration still says the global one.
+        saved = os.environ.get("AWS_STS_REGIONAL_ENDPOINTS")
+        os.environ["AWS_STS_REGIONAL_ENDPOINTS"] = "legacy"
+        self.addCleanup(lambda: os.environ.pop("AWS_STS_REGIONAL_ENDPOINTS") if saved is None
+                        else os.environ.update(AWS_STS_REGIONAL_ENDPOINTS=saved))
+        fx, logs = self.start_proxy()
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.ap-southeast-2.amazonaws.com")
+        self.assertIn("STS endpoint: https://sts.ap-southeast-2.amazonaws.com", logs)
+        self.assertEqual(self.region_asked(fx), [("GET", "/latest/meta-data/placement/region", fx.imds.token)])
+
+    def test_the_config_and_then_the_environment_come_first(self):
+        fx, logs = self.start_proxy(stsRegion="eu-west-1")
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.eu-west-1.amazonaws.com")
+        self.assertEqual(self.region_asked(fx), [])
+        fx, logs = self.start_proxy(env_region="ca-central-1")
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.ca-central-1.amazonaws.com")
+        self.assertEqual(self.region_asked(fx), [])
+
+    def test_an_unknown_region_says_so_and_falls_back_to_boto3(self):
+        fx, logs = self.start_proxy(imds_region="not a region")
+        self.assertIn("the instance's region is unknown", logs)
+        self.assertNotIn("not a region", fx.proxy.sts.endpoint())
 
 
 class ProcessTestCase(unittest.TestCase):

@@ -628,6 +628,14 @@ class Container:
         )
 
     @classmethod
+    def from_create_event(cls, actor: Mapping) -> "Container":
+        """What a create event tells: id, name, image and labels (Docker puts the labels among the
+        attributes); no address yet, and no environment."""
+        attributes = dict(actor.get("Attributes") or {})
+        name, image = attributes.pop("name", ""), attributes.pop("image", "")
+        return cls(id=actor["ID"], name=name or actor["ID"][:12], image=image, labels=attributes, networks={})
+
+    @classmethod
     def static(cls, ip: str, alias: str) -> "Container":
         """The stand-in for an address staticMappings maps to an alias."""
         return cls(id=f"static-{ip}", name=f"static-{ip}", image="", labels={}, networks={}, static_alias=alias)
@@ -841,11 +849,13 @@ class DockerWatcher:
 
     def __init__(self, docker: DockerClient, index: ContainerIndex, with_env: bool = False,
                  on_change: Callable[[List[Container], List[str]], None] = lambda added, removed: None,
+                 on_create: Callable[[Container], None] = lambda created: None,
                  clock: Callable[[], float] = time.monotonic):
         self._docker = docker
         self._index = index
         self._with_env = with_env
         self._on_change = on_change
+        self._on_create = on_create
         self._clock = clock
         self._budget = TokenBucket(self.LISTING_RATE, self.LISTING_BURST, clock)
         self._lock = threading.Lock()
@@ -957,8 +967,10 @@ class DockerWatcher:
         elif kind == "container":
             container_id = actor.get("ID") or event.get("id") or ""
             if action in ("die", "destroy"):
-                if self._index.remove(container_id):
-                    self._on_change([], [container_id])
+                self._index.remove(container_id)
+                self._on_change([], [container_id])   # also for one created and never started
+            elif action == "create" and container_id:
+                self._on_create(Container.from_create_event(dict(actor, ID=container_id)))
             elif action in ("start", "restart", "unpause", "rename", "update"):
                 self._index.revive(container_id)
                 self.ask(Why.EVENT)
@@ -1178,6 +1190,10 @@ class RoleResolver:
         if spec is None and reason:
             log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
         return spec
+
+    def provisional(self, container: Container) -> Optional[RoleSpec]:
+        """The role from what is known before the container starts; neither remembered nor logged."""
+        return self._resolve(container)[0]
 
     def forget(self, container_ids) -> None:
         with self._memo_lock:
@@ -1716,16 +1732,29 @@ class CredentialCache:
         """Forget every credential of a container that is gone (a shared one with its last user)."""
         with self._lock:
             for key in self._by_container.pop(container_id, ()):
-                users = self._users.get(key, set())
-                users.discard(container_id)
-                if not users:
-                    self._users.pop(key, None)
-                    self._entries.pop(key, None)
+                self._release_locked(key, container_id)
             now = self._clock()
             self._gone.pop(container_id, None)
             self._gone[container_id] = now
             while self._gone and next(iter(self._gone.values())) < now - self.GONE_REMEMBERED:
                 del self._gone[next(iter(self._gone))]
+
+    def forget(self, container_id: str, spec: RoleSpec) -> None:
+        """The container no longer uses spec (it was decided otherwise at its start)."""
+        key = self._key(container_id, spec)
+        with self._lock:
+            keys = self._by_container.get(container_id, set())
+            keys.discard(key)
+            if not keys:
+                self._by_container.pop(container_id, None)
+            self._release_locked(key, container_id)
+
+    def _release_locked(self, key, container_id: str) -> None:
+        users = self._users.get(key, set())
+        users.discard(container_id)
+        if not users:
+            self._users.pop(key, None)
+            self._entries.pop(key, None)
 
     def _key(self, container_id: str, spec: RoleSpec) -> Tuple[str, RoleSpec]:
         return (self.SHARED if self._shared else container_id, spec)
@@ -1872,14 +1901,42 @@ class CredentialCache:
 
 class ContainerLifecycle:
     """Reacts to changes in the container index: decides a new container's role and prefetches its
-    credentials; forgets a gone container's credentials and role."""
+    credentials; forgets a gone container's credentials and role.
 
-    def __init__(self, roles: RoleResolver, credentials: CredentialCache):
+    A container's credentials are first fetched on its create event, from its labels, so
+    that they are ready when it starts; the decision made at start, with its networks and
+    environment, wins, and an early fetch for another role is discarded.
+    """
+
+    EARLY_KEPT = 300.0   # seconds an early fetch waits for its container to start
+
+    def __init__(self, roles: RoleResolver, credentials: CredentialCache,
+                 clock: Callable[[], float] = time.monotonic):
         self._roles = roles
         self._credentials = credentials
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._early: Dict[str, Tuple[RoleSpec, float]] = {}   # container id -> create-time role, when
+
+    def created(self, container: Container) -> None:
+        """A create event: fetch for the role its labels name, ahead of its start."""
+        spec = self._roles.provisional(container)
+        if spec is None:
+            return
+        with self._lock:
+            self._early[container.id] = (spec, self._clock())
+            stale = self._stale_locked()
+        self._credentials.prefetch(container.id, container.name, spec)
+        for container_id, old in stale:
+            self._credentials.forget(container_id, old)
 
     def changed(self, added: List[Container], removed: List[str]) -> None:
         """Called by DockerWatcher, from its own threads, holding no lock."""
+        with self._lock:
+            for container_id in removed:
+                self._early.pop(container_id, None)   # its credentials are all dropped below
+            early = {container.id: self._early.pop(container.id)[0] for container in added
+                     if container.id in self._early}
         for container_id in removed:
             self._credentials.drop_container(container_id)
         self._roles.forget(removed)
@@ -1887,6 +1944,16 @@ class ContainerLifecycle:
             spec = self._roles.role_for(container)
             if spec is not None:
                 self._credentials.prefetch(container.id, container.name, spec)
+            if container.id in early and early[container.id] != spec:
+                self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
+
+    def _stale_locked(self) -> List[Tuple[str, RoleSpec]]:
+        # Created and never started (or its start was missed): stop refreshing for it.
+        oldest = self._clock() - self.EARLY_KEPT
+        stale = [(container_id, spec) for container_id, (spec, when) in self._early.items() if when < oldest]
+        for container_id, _ in stale:
+            del self._early[container_id]
+        return stale
 
 
 #####################################################################
@@ -3073,7 +3140,7 @@ class Proxy:
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
-                                     on_change=self.lifecycle.changed)
+                                     on_change=self.lifecycle.changed, on_create=self.lifecycle.created)
         if config.mock:
             self.upstream = MockUpstream(MockMetadata(config.sts_region or env_region or MOCK_REGION))
         else:

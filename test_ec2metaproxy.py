@@ -271,6 +271,9 @@ class StsStandIn:
         self.deny = set()         # role ARNs answered with AccessDenied
         self.max_duration = {}    # role ARN -> its MaxSessionDuration
         self.truncated = []       # whole answers sent cut short in mode "truncated"
+        self.limit = None         # (calls a second, burst): an account's budget, Throttling when spent
+        self.throttled_times = []   # time.monotonic() of each call answered Throttling by the limit
+        self._bucket = (0.0, 0.0)   # tokens, when
         self.lock = threading.Lock()
         self._moto = None
         self._front = None
@@ -311,7 +314,7 @@ class StsStandIn:
                     time.sleep(stand_in.stall)
                 if mode == "error":
                     return self.error(500, "InternalFailure", "stand-in failure")
-                if mode == "throttle":
+                if mode == "throttle" or not stand_in.spend():
                     return self.error(400, "Throttling", "Rate exceeded")
                 if form.get("RoleArn") in stand_in.deny:
                     return self.error(403, "AccessDenied", "not authorized to perform sts:AssumeRole")
@@ -362,9 +365,31 @@ class StsStandIn:
             self.calls.clear()
             self.call_times.clear()
             self.requests.clear()
+            self.throttled_times.clear()
+            self.limit = None
         self.mode = "ok"
         self.deny = set()
         self.max_duration = {}
+
+    def spend(self):
+        """Take one call from the account's budget (with a limit set); False when it is spent."""
+        with self.lock:
+            if self.limit is None:
+                return True
+            rate, burst = self.limit
+            tokens, then = self._bucket
+            now = time.monotonic()
+            tokens = min(burst, tokens + (now - then) * rate)
+            if tokens >= 1:
+                self._bucket = (tokens - 1, now)
+                return True
+            self._bucket = (tokens, now)
+            self.throttled_times.append(now)
+            return False
+
+    def set_limit(self, rate, burst):
+        with self.lock:
+            self.limit, self._bucket = (rate, burst), (burst, time.monotonic())
 
     def assume_calls(self):
         with self.lock:
@@ -1693,6 +1718,46 @@ class TestContainerLifecycle(unittest.TestCase):
         self.lifecycle.changed([], [web.id])
         self.assertEqual((len(self.cache), len(self.roles)), (0, 0))
 
+    def created(self, cid, labels, name="web-1"):
+        return emp.Container.from_create_event({"ID": cid, "Attributes": dict(labels, name=name, image="busybox")})
+
+    def test_credentials_fetched_on_create_are_ready_at_start(self):
+        cid = "c" * 64
+        self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}))
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        started = container("web-1", labels={"ec2metaproxy.RoleAlias": "web"}, cid=cid)
+        self.lifecycle.changed([started], [])
+        spec = self.roles.role_for(started)
+        self.assertEqual((spec.arn, spec.session_name), (arn("web-role"), "web-1"))
+        self.assertIsNotNone(self.cache.cached(cid, spec))   # no wait: fetched before the start
+        self.assertEqual(STS.assume_calls(), 1)
+
+    def test_a_create_fetch_for_another_role_is_discarded_at_start(self):
+        roles = emp.RoleResolver(emp.parse_config(base_config(envRoles=True)))
+        lifecycle = emp.ContainerLifecycle(roles, self.cache)
+        cid = "d" * 64
+        lifecycle.created(self.created(cid, {}, name="app-1"))   # no label: the default role, for now
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        started = container("app-1", env={"IAM_ROLE": "db"}, cid=cid)   # its environment names db
+        lifecycle.changed([started], [])
+        self.assertEqual(roles.role_for(started).arn, arn("db-role"))
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, roles.role_for(started)), timeout=5))
+        self.assertEqual(len(self.cache), 1)   # the default role's early fetch is gone
+        self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
+
+    def test_a_container_created_and_never_started_keeps_nothing(self):
+        monotonic = FakeClock()
+        lifecycle = emp.ContainerLifecycle(self.roles, self.cache, clock=monotonic)
+        lifecycle.created(self.created("e" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="left"))
+        lifecycle.created(self.created("f" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="removed"))
+        self.assertEqual(len(self.cache), 2)
+        lifecycle.changed([], ["f" * 64])   # its destroy event
+        self.assertEqual(len(self.cache), 1)
+        monotonic.now += 301   # "left" never starts: the next create event prunes it
+        lifecycle.created(self.created("a" * 64, {"ec2metaproxy.RoleAlias": "db"}, name="next"))
+        self.assertEqual(len(self.cache), 1)
+        self.assertIsNone(self.cache.cached("e" * 64, emp.RoleSpec(arn("web-role"), "left")))
+
 
 #####################################################################
 # IMDS protocol #####################################################
@@ -2285,6 +2350,24 @@ class TestSessionScope(ProxyTestCase):
         self.fx.config = emp.parse_config(dict(self.fx.config_data, sessionScope="role"))
         self.assertEqual(len(self.three_web_containers()), 1)
         self.assertEqual(self.session_names(), ["ec2metaproxy"])
+
+
+class TestCreateEventPrefetch(ProxyTestCase):
+    """A container's credentials are fetched on its create event, so its first request finds them."""
+
+    def test_the_first_request_after_start_finds_credentials_fetched_at_create(self):
+        self.start()
+        cid = secrets.token_hex(32)
+        self.docker.emit({"Type": "container", "Action": "create", "id": cid, "status": "create",
+                          "Actor": {"ID": cid, "Attributes": {"name": "web-9", "image": "busybox",
+                                                             "ec2metaproxy.RoleAlias": "web"}}})
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))   # before the container runs
+        self.docker.add_container("web-9", ["127.0.7.1"], labels={"ec2metaproxy.RoleAlias": "web"},
+                                  container_id=cid)
+        status, creds = self.fx.credentials("127.0.7.1", "web-role")
+        self.assertEqual(status, 200, creds)
+        self.assertEqual(STS.assume_calls(), 1)
+        self.assertEqual(STS.requests[0]["RoleSessionName"], "web-9")
 
 
 class TestMockMode(ProxyTestCase):

@@ -16,6 +16,7 @@ Licence: MIT (see LICENSE).
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -29,6 +30,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import random
@@ -188,6 +190,9 @@ class Config:
     static_mappings: Tuple[Tuple[object, str], ...] = ()
     mock: bool = False
     require_tokens: bool = False
+    sts_rate: float = 25.0
+    sts_burst: float = 10.0
+    session_scope: str = "container"
 
 
 def _expect(key: str, value, kind, what: str):
@@ -349,6 +354,18 @@ def parse_static_mappings(key: str, value) -> Tuple[Tuple[object, str], ...]:
     return tuple(mappings)
 
 
+def parse_choice(key: str, value, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def parse_positive(key: str, value, least: float, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+        raise ConfigError(f"{key}: {value!r} is not a number of {unit} (at least {least:g})")
+    return float(value)
+
+
 def _string_or_null(key, value):
     return None if value is None else _expect(key, value, str, "a string or null")
 
@@ -400,7 +417,13 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "staticMappings": ("static_mappings", parse_static_mappings),
     "mock": ("mock", lambda k, v: _expect(k, v, bool, "true or false")),
     "requireTokens": ("require_tokens", lambda k, v: _expect(k, v, bool, "true or false")),
+    "stsRate": ("sts_rate", lambda k, v: parse_positive(k, v, 0.1, "AssumeRole calls a second")),
+    "stsBurst": ("sts_burst", lambda k, v: parse_positive(k, v, 1.0, "AssumeRole calls")),
+    "sessionScope": ("session_scope", lambda k, v: parse_choice(k, v, SESSION_SCOPES)),
 }
+SESSION_SCOPES = ("container", "role")
+SHARED_SESSION_NAME = "ec2metaproxy"   # sessionScope "role" without a sessionName of its own
+CONTAINER_PLACEHOLDERS = re.compile(r"\{(name|id|env:[^{}]+)\}")   # differ from container to container
 REQUIRED_KEYS = ("listen", "aliasToARN", "defaultAlias")
 
 
@@ -427,6 +450,13 @@ def parse_config(data) -> Config:
         field, parser = CONFIG_KEYS[key]
         if parser is not None:
             values[field] = parser(key, raw)
+    if values.get("session_scope") == "role":
+        values.setdefault("session_name", SHARED_SESSION_NAME)
+        for key, field in (("sessionName", "session_name"), ("sourceIdentity", "source_identity")):
+            named = CONTAINER_PLACEHOLDERS.search(values.get(field) or "")
+            if named:
+                raise ConfigError(f"{key}: {named.group(0)} names the container, but with sessionScope "
+                                  f"'role' containers share one session")
     config = Config(**values)
     if config.default_alias is not None and config.default_alias not in config.alias_to_arn:
         raise ConfigError(f"defaultAlias: {config.default_alias!r} is not an alias in aliasToARN")
@@ -596,6 +626,14 @@ class Container:
             networks=networks,
             env=env,
         )
+
+    @classmethod
+    def from_create_event(cls, actor: Mapping) -> "Container":
+        """What a create event tells: id, name, image and labels (Docker puts the labels among the
+        attributes); no address yet, and no environment."""
+        attributes = dict(actor.get("Attributes") or {})
+        name, image = attributes.pop("name", ""), attributes.pop("image", "")
+        return cls(id=actor["ID"], name=name or actor["ID"][:12], image=image, labels=attributes, networks={})
 
     @classmethod
     def static(cls, ip: str, alias: str) -> "Container":
@@ -811,11 +849,13 @@ class DockerWatcher:
 
     def __init__(self, docker: DockerClient, index: ContainerIndex, with_env: bool = False,
                  on_change: Callable[[List[Container], List[str]], None] = lambda added, removed: None,
+                 on_create: Callable[[Container], None] = lambda created: None,
                  clock: Callable[[], float] = time.monotonic):
         self._docker = docker
         self._index = index
         self._with_env = with_env
         self._on_change = on_change
+        self._on_create = on_create
         self._clock = clock
         self._budget = TokenBucket(self.LISTING_RATE, self.LISTING_BURST, clock)
         self._lock = threading.Lock()
@@ -927,8 +967,10 @@ class DockerWatcher:
         elif kind == "container":
             container_id = actor.get("ID") or event.get("id") or ""
             if action in ("die", "destroy"):
-                if self._index.remove(container_id):
-                    self._on_change([], [container_id])
+                self._index.remove(container_id)
+                self._on_change([], [container_id])   # also for one created and never started
+            elif action == "create" and container_id:
+                self._on_create(Container.from_create_event(dict(actor, ID=container_id)))
             elif action in ("start", "restart", "unpause", "rename", "update"):
                 self._index.revive(container_id)
                 self.ask(Why.EVENT)
@@ -1149,6 +1191,10 @@ class RoleResolver:
             log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
         return spec
 
+    def provisional(self, container: Container) -> Optional[RoleSpec]:
+        """The role from what is known before the container starts; neither remembered nor logged."""
+        return self._resolve(container)[0]
+
     def forget(self, container_ids) -> None:
         with self._memo_lock:
             for container_id in container_ids:
@@ -1343,12 +1389,23 @@ class StsClient:
             session.set_config_variable("ec2_metadata_service_endpoint", self._metadata_url + "/")
         session.set_config_variable("metadata_service_timeout", 1)
         session.set_config_variable("metadata_service_num_attempts", 2)
+        # The region's own endpoint, never the global one in us-east-1 (older botocore's default).
+        session.set_config_variable("sts_regional_endpoints", "regional")
         return session
 
     def _make_client(self):
         boto_session = self._boto3.session.Session(botocore_session=self._session())
         return boto_session.client("sts", region_name=self._region, endpoint_url=self._endpoint,
                                    config=self._client_config)
+
+    def use_region(self, region: str) -> None:
+        """The region whose STS endpoint to call (the instance's), if the config names none."""
+        if self._region is None and self._endpoint is None:
+            self._region = region
+
+    def endpoint(self) -> str:
+        """The STS endpoint the client calls (building the client if it is not built yet)."""
+        return self.client().meta.endpoint_url
 
     def credential_source(self) -> Optional[str]:
         """Where the proxy's own AWS credentials come from (botocore's name for it), or None."""
@@ -1450,6 +1507,100 @@ def refresh_margin(lifetime: float) -> float:
     return max(lifetime / 2, min(2400.0, lifetime - 300.0))
 
 
+REFRESH_JITTER = 0.1   # up to 10% more margin, drawn per refresh: sessions started together spread out
+
+
+def refresh_time(expiration: float, lifetime: float, draw: Callable[[], float] = random.random) -> float:
+    """When to refresh credentials expiring at expiration: refresh_margin early, plus jitter.
+
+    The jitter only ever refreshes earlier, so the 30-minute floor holds; the draw is a
+    seam for the fleet simulation in bench/.
+    """
+    return expiration - refresh_margin(lifetime) * (1.0 + REFRESH_JITTER * draw())
+
+
+THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded"})
+RETRY_BASE = 0.5            # the first retry after a failed AssumeRole, seconds (before jitter)
+# STS's account budget is spent and every host of the fleet is retrying too: back off further,
+# furthest for a refresh, whose credentials still have ten minutes or more above the floor.
+THROTTLED_RETRY_CAP = 60.0
+THROTTLED_REFRESH_CAP = 240.0
+
+
+def retry_delay(failures: int, error: CredentialError, cap: float, holding: bool = False) -> float:
+    """Seconds until the next AssumeRole for a key after `failures` failed calls in a row.
+
+    Quick after a blip; slower when STS says the account's budget is spent (retrying
+    fast then only spends it again; a refresh, holding valid credentials, can wait
+    longest) or when the error will not go away by itself.
+    """
+    if error.code in THROTTLE_CODES:
+        cap = max(cap, THROTTLED_REFRESH_CAP if holding else THROTTLED_RETRY_CAP)
+    elif not error.retryable:
+        cap *= 8
+    return backoff_delay(failures - 1, RETRY_BASE, cap)
+
+
+class StsPacer:
+    """One budget for every AssumeRole call of the process: a token bucket that halves its rate
+    when STS says Throttling and climbs back one step per quiet period (AIMD).
+
+    It never blocks and holds no lock of its own: its owner calls it under its own lock,
+    and the fleet simulation in bench/ drives it with a simulated clock.
+    """
+
+    SAME_EPISODE = 1.0   # throttles this close to the last cut answer calls already in flight
+
+    # The floor and the quiet period are set for a fleet: 10,000 hosts sharing an account's
+    # few hundred calls a second get about 0.05 each, and a host that climbs back within
+    # seconds only spends STS's budget on Throttling answers (docs/fleet.md, bench/fleet_sim.py).
+    def __init__(self, rate: float = 25.0, burst: float = 10.0, floor: float = 0.05, quiet: float = 60.0,
+                 step: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
+        self.ceiling = rate
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.floor = min(floor, rate)
+        self.quiet = quiet
+        self.step = step if step is not None else max(rate / 10.0, 0.1)
+        self.throttles = 0
+        self._clock = clock
+        self._tokens = self.burst
+        self._filled_at = clock()
+        self._cut_at = -math.inf   # when the rate was last cut
+        self._calm_from = -math.inf   # quiet periods count from here (the last cut or step)
+
+    def take(self) -> float:
+        """Take one call's token and return 0.0, or return the seconds until one is there."""
+        now = self._clock()
+        self._climb(now)
+        self._tokens = min(self.burst, self._tokens + (now - self._filled_at) * self.rate)
+        self._filled_at = now
+        if self._tokens > 1.0 - 1e-9:   # a token refilled exactly on time, up to rounding
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def throttled(self) -> None:
+        """STS answered Throttling: halve the rate (not below the floor) and empty the bucket."""
+        now = self._clock()
+        self.throttles += 1
+        if now - self._cut_at < self.SAME_EPISODE:
+            return
+        self._climb(now)
+        self.rate = max(self.floor, self.rate / 2.0)
+        self._tokens = min(self._tokens, 0.0)
+        self._cut_at = self._calm_from = now
+
+    def _climb(self, now: float) -> None:
+        # Additive increase: one step for every quiet period since the last cut or step.
+        if self.rate >= self.ceiling:
+            return
+        steps = int((now - self._calm_from) // self.quiet)
+        if steps > 0:
+            self.rate = min(self.ceiling, self.rate + steps * self.step)
+            self._calm_from += steps * self.quiet
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
     """The cache's state for one (container, role) key."""
@@ -1458,6 +1609,7 @@ class _Entry:
     creds: Optional[Credentials] = None
     refresh_at: float = 0.0
     done: Optional[threading.Event] = None   # set when the fetch under way ends
+    released: bool = False   # paced and in the work queue
     running: bool = False
     error: Optional[CredentialError] = None
     failures: int = 0
@@ -1470,8 +1622,8 @@ class CredentialCache:
 
     Requests never wait on a lock held across I/O: STS calls run on worker
     threads; a request waits (bounded) only on the event of the fetch it needs.
-    Background fetches (prefetch, refresh, retry) are released at a paced rate;
-    a fetch a request is waiting for goes first.
+    Every fetch goes through one StsPacer: those a request waits for first,
+    then background work (prefetch, refresh, retry) as it comes due.
     """
 
     MIN_VALID = 60.0   # never hand out credentials with less than this left
@@ -1479,16 +1631,21 @@ class CredentialCache:
     # Work queue priorities: stopping first, then a fetch a request may wait for, then background work.
     STOP, REQUESTED, BACKGROUND = -1, 0, 1
 
-    def __init__(self, sts, workers: int = 6, background_rate: float = 25.0,
-                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0):
+    SHARED = ""   # the owner part of a key shared by every container with the same RoleSpec
+
+    def __init__(self, sts, workers: int = 6, pacer: Optional[StsPacer] = None,
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0, shared: bool = False):
         self._sts = sts
         self._clock = clock
-        self._rate = background_rate
+        self.pacer = pacer if pacer is not None else StsPacer()
         self._retry_cap = retry_cap
+        self._shared = shared   # sessionScope "role": one session per RoleSpec, not per container
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
-        self._by_container: Dict[str, set] = {}
+        self._by_container: Dict[str, set] = {}   # container id -> the keys it uses
+        self._users: Dict[Tuple[str, RoleSpec], set] = {}   # key -> the containers using it
         self._gone: Dict[str, float] = {}   # container id -> when it was dropped (oldest first)
         self._lock = threading.Lock()
+        self._waited_for: "collections.deque[Tuple[str, RoleSpec]]" = collections.deque()   # not yet paced
         self._due: List[Tuple[float, int, Tuple[str, RoleSpec]]] = []   # a heap of background work
         self._due_changed = threading.Condition(self._lock)
         self._work: "queue.PriorityQueue" = queue.PriorityQueue()
@@ -1523,16 +1680,20 @@ class CredentialCache:
 
     def cached(self, container_id: str, spec: RoleSpec) -> Optional[Credentials]:
         """Credentials to hand out now, without waiting; schedules a refresh when one is due."""
-        entry = self._entries.get((container_id, spec))
+        key = self._key(container_id, spec)
+        entry = self._entries.get(key)
         if entry is None or entry.creds is None:
             return None
+        if self._shared and container_id not in self._users.get(key, ()):
+            with self._lock:   # another container's session: count this one among its users
+                self._use_locked(key, entry, container_id)
         now = self._clock()
         if entry.creds.expiration - now <= self.MIN_VALID:
             return None
         if now >= entry.refresh_at and entry.done is None and now >= entry.retry_at:
             with self._lock:
                 if entry.done is None:
-                    self._fetch_locked((container_id, spec), entry, self.REQUESTED)
+                    self._wait_for_locked(key, entry)
         return entry.creds
 
     def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
@@ -1540,15 +1701,15 @@ class CredentialCache:
         creds = self.cached(container_id, spec)
         if creds is not None:
             return creds
-        key = (container_id, spec)
+        key = self._key(container_id, spec)
         with self._lock:
-            entry = self._entry_locked(key, label)
+            entry = self._entry_locked(key, container_id, label)
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
-                self._fetch_locked(key, entry, self.REQUESTED)
-            elif not entry.running:
-                self._enqueue(key, self.REQUESTED)   # released in the background but still queued: go first
+                self._wait_for_locked(key, entry)
+            elif entry.released and not entry.running:
+                self._enqueue(key, self.REQUESTED)   # paced as background work but still queued: go first
             done = entry.done
         done.wait(timeout)
         creds = entry.creds
@@ -1562,69 +1723,122 @@ class CredentialCache:
         """Fetch credentials for a new container in the background (paced)."""
         with self._lock:
             self._gone.pop(container_id, None)   # a restart keeps the id
-            entry = self._entry_locked((container_id, spec), label)
+            key = self._key(container_id, spec)
+            entry = self._entry_locked(key, container_id, label)
             if entry.creds is None and entry.done is None:
-                self._schedule_locked((container_id, spec), self._clock())
+                self._schedule_locked(key, self._clock())
 
     def drop_container(self, container_id: str) -> None:
-        """Forget every credential of a container that is gone."""
+        """Forget every credential of a container that is gone (a shared one with its last user)."""
         with self._lock:
             for key in self._by_container.pop(container_id, ()):
-                self._entries.pop(key, None)
+                self._release_locked(key, container_id)
             now = self._clock()
             self._gone.pop(container_id, None)
             self._gone[container_id] = now
             while self._gone and next(iter(self._gone.values())) < now - self.GONE_REMEMBERED:
                 del self._gone[next(iter(self._gone))]
 
-    def _entry_locked(self, key, label: str) -> _Entry:
+    def forget(self, container_id: str, spec: RoleSpec) -> None:
+        """The container no longer uses spec (it was decided otherwise at its start)."""
+        key = self._key(container_id, spec)
+        with self._lock:
+            keys = self._by_container.get(container_id, set())
+            keys.discard(key)
+            if not keys:
+                self._by_container.pop(container_id, None)
+            self._release_locked(key, container_id)
+
+    def _release_locked(self, key, container_id: str) -> None:
+        users = self._users.get(key, set())
+        users.discard(container_id)
+        if not users:
+            self._users.pop(key, None)
+            self._entries.pop(key, None)
+
+    def _key(self, container_id: str, spec: RoleSpec) -> Tuple[str, RoleSpec]:
+        return (self.SHARED if self._shared else container_id, spec)
+
+    def _entry_locked(self, key, container_id: str, label: str) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(label, orphan=key[0] in self._gone)
-            self._by_container.setdefault(key[0], set()).add(key)
+            entry = self._entries[key] = _Entry(label, orphan=container_id in self._gone)
+        self._use_locked(key, entry, container_id)
         return entry
+
+    def _use_locked(self, key, entry: _Entry, container_id: str) -> None:
+        if container_id in self._gone or self._entries.get(key) is not entry:
+            return   # a request that raced its container's removal (or the entry's) adds no user
+        entry.orphan = False   # a live container uses it (a shared session, say): keep it
+        self._users.setdefault(key, set()).add(container_id)
+        self._by_container.setdefault(container_id, set()).add(key)
 
     def _forget_locked(self, key) -> None:
         self._entries.pop(key, None)
-        keys = self._by_container.get(key[0], set())
-        keys.discard(key)
-        if not keys:
-            self._by_container.pop(key[0], None)
+        for user in self._users.pop(key, ()):
+            keys = self._by_container.get(user, set())
+            keys.discard(key)
+            if not keys:
+                self._by_container.pop(user, None)
 
     def _schedule_locked(self, key, when: float) -> None:
         self._seq += 1
         heapq.heappush(self._due, (when, self._seq, key))
         self._due_changed.notify()
 
-    def _fetch_locked(self, key, entry: _Entry, priority: int) -> None:
+    def _wait_for_locked(self, key, entry: _Entry) -> None:
+        """A request waits for this fetch: it is paced ahead of all background work."""
         entry.done = threading.Event()
-        self._enqueue(key, priority)
+        self._waited_for.append(key)
+        self._due_changed.notify()
 
     def _enqueue(self, key, priority: int) -> None:
         self._seq += 1
         self._work.put((priority, self._seq, key))
 
     def _release_loop(self) -> None:
-        """Release due background fetches into the work queue, at most `rate` a second."""
-        interval = 1.0 / self._rate
+        """Release fetches into the work queue as the pacer allows: waited-for ones first."""
         while not self._stop.is_set():
             with self._lock:
-                now = self._clock()
-                if not self._due:
-                    self._due_changed.wait(1.0)
+                key, wake_in = self._next_locked()
+                if key is None:
+                    self._due_changed.wait(wake_in)
                     continue
-                when, _, key = self._due[0]
-                if when > now:
-                    self._due_changed.wait(min(when - now, 1.0))
+                pause = self.pacer.take()
+                if pause > 0:
+                    # Choose again after the pause: a request may come to wait meanwhile.
+                    self._due_changed.wait(min(pause, 1.0))
                     continue
-                heapq.heappop(self._due)
-                entry = self._entries.get(key)
-                needed = (entry is not None and entry.done is None
-                          and (entry.creds is None or now >= entry.refresh_at))
-                if needed:
-                    self._fetch_locked(key, entry, self.BACKGROUND)
-            if needed and self._stop.wait(interval):
-                return
+                entry = self._entries[key]
+                if self._waited_for and self._waited_for[0] == key:
+                    self._waited_for.popleft()
+                    priority = self.REQUESTED
+                else:
+                    heapq.heappop(self._due)
+                    entry.done = threading.Event()
+                    priority = self.BACKGROUND
+                entry.released = True
+                self._enqueue(key, priority)
+
+    def _next_locked(self) -> Tuple[Optional[Tuple[str, RoleSpec]], float]:
+        """The next fetch to release (None, and how long to sleep, when nothing is due)."""
+        while self._waited_for:
+            key = self._waited_for[0]
+            entry = self._entries.get(key)
+            if entry is not None and entry.done is not None and not entry.released:
+                return key, 0.0
+            self._waited_for.popleft()   # dropped meanwhile
+        now = self._clock()
+        while self._due:
+            when, _, key = self._due[0]
+            if when > now:
+                return None, min(when - now, 1.0)
+            entry = self._entries.get(key)
+            if (entry is not None and entry.done is None
+                    and (entry.creds is None or now >= entry.refresh_at)):
+                return key, 0.0
+            heapq.heappop(self._due)   # no longer needed
+        return None, 1.0
 
     def _work_loop(self) -> None:
         while True:
@@ -1639,7 +1853,7 @@ class CredentialCache:
             self._fetch(key, entry)
 
     def _fetch(self, key, entry: _Entry) -> None:
-        container_id, spec = key
+        spec = key[1]
         creds = error = None
         try:
             creds = self._sts.assume_role(spec)
@@ -1650,21 +1864,23 @@ class CredentialCache:
             error = CredentialError("InternalError", type(exc).__name__)
         now = self._clock()
         with self._lock:
-            done, entry.done, entry.running = entry.done, None, False
+            done, entry.done, entry.running, entry.released = entry.done, None, False, False
+            if error is not None and error.code in THROTTLE_CODES:
+                self.pacer.throttled()
             if entry.orphan:
                 self._forget_locked(key)   # answer the request that made it; keep nothing
             current = self._entries.get(key) is entry
             if creds is not None:
                 lifetime = max(creds.expiration - now, 0.0)
                 entry.creds, entry.error, entry.failures = creds, None, 0
-                entry.refresh_at = creds.expiration - refresh_margin(lifetime) * random.uniform(1.0, 1.05)
+                entry.refresh_at = refresh_time(creds.expiration, lifetime)
                 if current:
                     self._schedule_locked(key, entry.refresh_at)
             else:
                 entry.error = error
                 entry.failures += 1
-                cap = self._retry_cap if error.retryable else self._retry_cap * 8
-                entry.retry_at = now + backoff_delay(entry.failures - 1, 0.5, cap)
+                holding = entry.creds is not None and entry.creds.expiration > now
+                entry.retry_at = now + retry_delay(entry.failures, error, self._retry_cap, holding)
                 if current:
                     self._schedule_locked(key, entry.retry_at)
         done.set()
@@ -1685,14 +1901,42 @@ class CredentialCache:
 
 class ContainerLifecycle:
     """Reacts to changes in the container index: decides a new container's role and prefetches its
-    credentials; forgets a gone container's credentials and role."""
+    credentials; forgets a gone container's credentials and role.
 
-    def __init__(self, roles: RoleResolver, credentials: CredentialCache):
+    A container's credentials are first fetched on its create event, from its labels, so
+    that they are ready when it starts; the decision made at start, with its networks and
+    environment, wins, and an early fetch for another role is discarded.
+    """
+
+    EARLY_KEPT = 300.0   # seconds an early fetch waits for its container to start
+
+    def __init__(self, roles: RoleResolver, credentials: CredentialCache,
+                 clock: Callable[[], float] = time.monotonic):
         self._roles = roles
         self._credentials = credentials
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._early: Dict[str, Tuple[RoleSpec, float]] = {}   # container id -> create-time role, when
+
+    def created(self, container: Container) -> None:
+        """A create event: fetch for the role its labels name, ahead of its start."""
+        spec = self._roles.provisional(container)
+        if spec is None:
+            return
+        with self._lock:
+            self._early[container.id] = (spec, self._clock())
+            stale = self._stale_locked()
+        self._credentials.prefetch(container.id, container.name, spec)
+        for container_id, old in stale:
+            self._credentials.forget(container_id, old)
 
     def changed(self, added: List[Container], removed: List[str]) -> None:
         """Called by DockerWatcher, from its own threads, holding no lock."""
+        with self._lock:
+            for container_id in removed:
+                self._early.pop(container_id, None)   # its credentials are all dropped below
+            early = {container.id: self._early.pop(container.id)[0] for container in added
+                     if container.id in self._early}
         for container_id in removed:
             self._credentials.drop_container(container_id)
         self._roles.forget(removed)
@@ -1700,6 +1944,16 @@ class ContainerLifecycle:
             spec = self._roles.role_for(container)
             if spec is not None:
                 self._credentials.prefetch(container.id, container.name, spec)
+            if container.id in early and early[container.id] != spec:
+                self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
+
+    def _stale_locked(self) -> List[Tuple[str, RoleSpec]]:
+        # Created and never started (or its start was missed): stop refreshing for it.
+        oldest = self._clock() - self.EARLY_KEPT
+        stale = [(container_id, spec) for container_id, (spec, when) in self._early.items() if when < oldest]
+        for container_id, _ in stale:
+            del self._early[container_id]
+        return stale
 
 
 #####################################################################
@@ -1889,6 +2143,10 @@ def credential_error_answer(exc: CredentialError, now: float) -> Answer:
     return Answer(503, json.dumps(error, indent=2).encode())
 
 
+REGION_PATH = "/latest/meta-data/placement/region"
+REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+
+
 class MetadataUpstream:
     """The host's real metadata service over kept-alive connections, with the proxy's own IMDSv2 token."""
 
@@ -1989,6 +2247,15 @@ class MetadataUpstream:
                 continue
             return status, location, body
         return status, location, body
+
+    def region(self) -> Optional[str]:
+        """The instance's region from placement/region, or None if the service does not say."""
+        try:
+            status, _, body = self.fetch("GET", REGION_PATH)
+        except HttpError:
+            return None
+        region = body.decode("ascii", "replace").strip()
+        return region if status == 200 and REGION_NAME.match(region) else None
 
     def probe(self) -> bool:
         """Try the service once (start-up); log once when it is or is not reachable."""
@@ -2854,23 +3121,28 @@ class StartupError(Exception):
     """The proxy cannot start (port in use, Docker socket path not a socket)."""
 
 
+MOCK_REGION = "us-east-1"   # what the mock metadata tree says when nothing names a region
+
+
 class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 sts_rate: float = 25.0, mock_region: str = "us-east-1", clock: Callable[[], float] = time.time):
+                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time):
         self.config = config
+        self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
         self.sts = sts if sts is not None else StsClient(
             config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url, clock=clock)
-        self.credentials = CredentialCache(self.sts, background_rate=sts_rate, clock=clock)
+        self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
+                                           clock=clock, shared=config.session_scope == "role")
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
-                                     on_change=self.lifecycle.changed)
+                                     on_change=self.lifecycle.changed, on_create=self.lifecycle.created)
         if config.mock:
-            self.upstream = MockUpstream(MockMetadata(config.sts_region or mock_region))
+            self.upstream = MockUpstream(MockMetadata(config.sts_region or env_region or MOCK_REGION))
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(clock=clock),
@@ -2899,7 +3171,8 @@ class Proxy:
         return self.server.server_address[:2]
 
     def start(self) -> None:
-        """Everything but the accept loop: list containers first, so the first requests are known."""
+        """Everything but the accept loop: STS and the container list first, so first requests are known."""
+        self._prepare_sts()
         self.credentials.start()
         self.watcher.sync_once()
         self.watcher.start()
@@ -2909,6 +3182,31 @@ class Proxy:
         log.info("ec2metaproxy %s listening on %s:%d (%d containers, %d aliases%s)", __version__,
                  f"[{host}]" if ":" in host else host, port, len(self.index), len(self.config.alias_to_arn),
                  ", mock metadata" if self.config.mock else "")
+
+    def _prepare_sts(self) -> None:
+        """Choose the STS region and build the client now, so the first request does not pay for it.
+
+        With no stsRegion, stsEndpoint or region in the environment, the instance's own
+        region comes from the metadata service: a fleet never depends on us-east-1.
+        """
+        if not isinstance(self.sts, StsClient):
+            return
+        config = self.config
+        if config.sts_region or config.sts_endpoint or self.env_region:
+            self.sts.use_region(config.sts_region or self.env_region)
+        elif config.mock:
+            log.info("mock mode: the STS region comes from boto3's own configuration")
+        else:
+            region = self.upstream.region()
+            if region:
+                self.sts.use_region(region)
+            else:
+                log.warning("the instance's region is unknown (the metadata service did not say); "
+                            "the STS region comes from boto3's own configuration")
+        try:
+            log.info("STS endpoint: %s", self.sts.endpoint())
+        except CredentialError as exc:
+            log.warning("cannot build the STS client yet: %s", exc)
 
     def _probe_upstream(self) -> None:
         if self.config.mock:
@@ -2925,8 +3223,6 @@ class Proxy:
         if not hasattr(self.sts, "credential_source"):
             return
         backoff = Backoff(self._stop, base=2.0, cap=60.0)
-        with contextlib.suppress(CredentialError):
-            self.sts.client()   # build it now, not on the first container's request
         while not self._stop.is_set():
             source = self.sts.credential_source()
             if source:
@@ -2980,7 +3276,7 @@ def main(argv=None) -> int:
         # this switch from the environment only.
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     try:
-        proxy = Proxy(config, mock_region=os.environ.get("AWS_REGION") or "us-east-1")
+        proxy = Proxy(config, env_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
     except StartupError as exc:
         print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import shutil
@@ -270,6 +271,9 @@ class StsStandIn:
         self.deny = set()         # role ARNs answered with AccessDenied
         self.max_duration = {}    # role ARN -> its MaxSessionDuration
         self.truncated = []       # whole answers sent cut short in mode "truncated"
+        self.limit = None         # (calls a second, burst): an account's budget, Throttling when spent
+        self.throttled_times = []   # time.monotonic() of each call answered Throttling by the limit
+        self._bucket = (0.0, 0.0)   # tokens, when
         self.lock = threading.Lock()
         self._moto = None
         self._front = None
@@ -310,7 +314,7 @@ class StsStandIn:
                     time.sleep(stand_in.stall)
                 if mode == "error":
                     return self.error(500, "InternalFailure", "stand-in failure")
-                if mode == "throttle":
+                if mode == "throttle" or not stand_in.spend():
                     return self.error(400, "Throttling", "Rate exceeded")
                 if form.get("RoleArn") in stand_in.deny:
                     return self.error(403, "AccessDenied", "not authorized to perform sts:AssumeRole")
@@ -361,9 +365,31 @@ class StsStandIn:
             self.calls.clear()
             self.call_times.clear()
             self.requests.clear()
+            self.throttled_times.clear()
+            self.limit = None
         self.mode = "ok"
         self.deny = set()
         self.max_duration = {}
+
+    def spend(self):
+        """Take one call from the account's budget (with a limit set); False when it is spent."""
+        with self.lock:
+            if self.limit is None:
+                return True
+            rate, burst = self.limit
+            tokens, then = self._bucket
+            now = time.monotonic()
+            tokens = min(burst, tokens + (now - then) * rate)
+            if tokens >= 1:
+                self._bucket = (tokens - 1, now)
+                return True
+            self._bucket = (tokens, now)
+            self.throttled_times.append(now)
+            return False
+
+    def set_limit(self, rate, burst):
+        with self.lock:
+            self.limit, self._bucket = (rate, burst), (burst, time.monotonic())
 
     def assume_calls(self):
         with self.lock:
@@ -392,6 +418,7 @@ class ImdsStandIn:
         self.require_token = False
         self.lock = threading.Lock()
         self.token = "host-imds-token-" + secrets.token_hex(8)
+        self.region = "ap-southeast-2"
         self._server = None
 
     def start(self, port=0, host="127.0.0.1"):
@@ -433,6 +460,7 @@ class ImdsStandIn:
                 answers = {
                     "/latest/meta-data/instance-id": "i-0host0000000000",
                     "/latest/meta-data/local-ipv4": "10.0.0.10",
+                    "/latest/meta-data/placement/region": stand_in.region,
                     "/latest/meta-data/iam/security-credentials/": "host-role",
                     "/latest/meta-data/iam/security-credentials/host-role": creds,
                     "/latest/meta-data/iam/info": json.dumps({"InstanceProfileArn": HOST_MARKER}),
@@ -520,23 +548,26 @@ def base_config(**overrides):
 class ProxyFixture:
     """A whole proxy in this process on 127.0.0.1, with its own Docker and IMDS stand-ins."""
 
-    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=None, **config):
+    def __init__(self, limits=emp.Limits(), wait_timeout=0.8, sts_rate=25.0, clock=None, env_region=None,
+                 **config):
         self.tmp = tempfile.mkdtemp(prefix="emp-test-")
         self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
         self.imds = ImdsStandIn().start()
         data = base_config(dockerHost="unix://" + self.docker.socket_path, metadataURL=self.imds.url)
         data.update(config)
+        data.setdefault("stsRate", sts_rate)
+        self.config_data = data
         self.config = emp.parse_config(data)
         self.limits = limits
         self.wait_timeout = wait_timeout
-        self.sts_rate = sts_rate
         self.clock = clock   # a wall clock for credentials (expiry moved onto it), or the real one
+        self.env_region = env_region
         self.proxy = None
 
     def start(self):
         timing = {} if self.clock is None else {"clock": self.clock, "sts": ShiftedSts(self.clock)}
         self.proxy = emp.Proxy(self.config, limits=self.limits, wait_timeout=self.wait_timeout,
-                               sts_rate=self.sts_rate, **timing)
+                               env_region=self.env_region, **timing)
         self.proxy.start()
         self.thread = threading.Thread(target=self.proxy.serve_forever, daemon=True)
         self.thread.start()
@@ -713,6 +744,11 @@ class TestConfig(unittest.TestCase):
         self.assertIsNone(config.sts_region)
         self.assertIsNone(config.sts_endpoint)
         self.assertFalse(config.verbose)
+        self.assertEqual((config.sts_rate, config.sts_burst), (25.0, 10.0))
+        self.assertEqual((config.session_scope, config.session_name), ("container", "{name}"))
+        shared = emp.parse_config({"listen": ":18000", "aliasToARN": {"a": arn("a")}, "defaultAlias": None,
+                                   "sessionScope": "role"})
+        self.assertEqual(shared.session_name, "ec2metaproxy")
 
     def test_example_config_is_valid(self):
         config = emp.load_config(os.path.join(HERE, "config.example.json"))
@@ -753,6 +789,14 @@ class TestConfig(unittest.TestCase):
             (dict(good, defaultPolicy="{not json"), "defaultPolicy: not valid JSON"),
             (dict(good, defaultPolicy=[1]), "defaultPolicy: expected a policy document"),
             (dict(good, aliasLabel=5), "aliasLabel: expected a label name"),
+            (dict(good, stsRate=0), "stsRate: 0 is not a number of AssumeRole calls a second (at least 0.1)"),
+            (dict(good, stsRate="25"), "stsRate: '25' is not a number"),
+            (dict(good, stsBurst=True), "stsBurst: True is not a number of AssumeRole calls (at least 1)"),
+            (dict(good, sessionScope="host"), "sessionScope: 'host' is not one of 'container', 'role'"),
+            (dict(good, sessionScope="role", sessionName="app-{name}"),
+             "sessionName: {name} names the container, but with sessionScope 'role' containers share one session"),
+            (dict(good, sessionScope="role", sessionName="{id}"), "sessionName: {id} names the container"),
+            (dict(good, sessionScope="role", sourceIdentity="{env:USER}"), "sourceIdentity: {env:USER} names"),
             ([], "the top level must be a JSON object"),
         ]
         for data, expected in cases:
@@ -1394,6 +1438,84 @@ class TestStsClient(unittest.TestCase):
         self.assertLess(emp.refresh_margin(900), 900)
 
 
+class TestStsPacer(unittest.TestCase):
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.clock.now = 1000.0
+        self.pacer = emp.StsPacer(rate=20.0, burst=3.0, floor=1.0, quiet=10.0, step=2.0, clock=self.clock)
+
+    def test_a_burst_then_one_call_per_interval(self):
+        self.assertEqual([self.pacer.take() for _ in range(3)], [0.0, 0.0, 0.0])
+        self.assertAlmostEqual(self.pacer.take(), 0.05)
+        self.clock.now += 0.05
+        self.assertEqual(self.pacer.take(), 0.0)
+        self.assertGreater(self.pacer.take(), 0.0)
+
+    def test_throttling_halves_the_rate_once_per_episode_down_to_the_floor(self):
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.assertGreater(self.pacer.take(), 0.0)   # the bucket was emptied
+        self.clock.now += 0.5
+        self.pacer.throttled()   # calls already in flight when the rate was cut
+        self.assertEqual(self.pacer.rate, 10.0)
+        for expected in (5.0, 2.5, 1.25, 1.0, 1.0):
+            self.clock.now += 1.0
+            self.pacer.throttled()
+            self.assertEqual(self.pacer.rate, expected)
+        self.assertEqual(self.pacer.throttles, 7)
+
+    def test_the_rate_climbs_back_one_step_per_quiet_period(self):
+        self.pacer.throttled()
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.clock.now += 9.9
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 10.0)
+        self.clock.now += 0.1
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 12.0)
+        self.clock.now += 25.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 16.0)
+        self.clock.now += 100.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 20.0)   # never above the configured rate
+
+    def test_a_throttle_after_a_climb_cuts_again(self):
+        self.pacer.throttled()
+        self.clock.now += 10.0
+        self.pacer.take()
+        self.assertEqual(self.pacer.rate, 12.0)
+        self.clock.now += 0.2   # right after a step, not after a cut: a new episode
+        self.pacer.throttled()
+        self.assertEqual(self.pacer.rate, 6.0)
+
+    def test_refresh_time_keeps_the_floor_and_spreads(self):
+        expiration = 10_000.0
+        self.assertEqual(emp.refresh_time(expiration, 3600, draw=lambda: 0.0), expiration - 2400)
+        self.assertEqual(emp.refresh_time(expiration, 3600, draw=lambda: 1.0), expiration - 2640)
+        draw = random.Random(7).random
+        times = [emp.refresh_time(expiration, 3600, draw=draw) for _ in range(1000)]
+        self.assertGreaterEqual(min(expiration - t for t in times), 1800)
+        self.assertGreater(max(times) - min(times), 200)   # 1,000 sessions do not refresh together
+        per_second = collections.Counter(int(t) for t in times)
+        self.assertLessEqual(max(per_second.values()), 20)
+
+
+class TestRetryDelay(unittest.TestCase):
+
+    def test_throttling_backs_off_longer_than_a_blip(self):
+        throttled = emp.CredentialError("Throttling", "Rate exceeded")
+        blip = emp.CredentialError("InternalFailure", "stand-in failure")
+        denied = emp.CredentialError("AccessDenied", "no", retryable=False)
+        for _ in range(50):
+            self.assertTrue(0.25 <= emp.retry_delay(1, throttled, 8.0) <= 0.5)
+            self.assertTrue(4.0 <= emp.retry_delay(10, blip, 8.0) <= 8.0)
+            self.assertTrue(30.0 <= emp.retry_delay(10, throttled, 8.0) <= 60.0)
+            self.assertTrue(32.0 <= emp.retry_delay(10, denied, 8.0) <= 64.0)
+
+
 class ShiftedSts:
     """The real StsClient against moto, its expiry moved onto a FakeClock's time line."""
 
@@ -1413,7 +1535,7 @@ class TestCredentialCache(unittest.TestCase):
     def setUp(self):
         STS.reset()
         self.clock = FakeClock()
-        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200)
+        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200))
         self.cache.start()
         self.addCleanup(self.cache.stop)
         self.spec = emp.RoleSpec(arn("web-role"), "web-1")
@@ -1501,7 +1623,61 @@ class TestCredentialCache(unittest.TestCase):
         self.assertEqual(STS.assume_calls(), 2)
         self.assertEqual([request.get("Policy") for request in STS.requests], [None, '{"Statement":[]}'])
 
-    def test_keys_separate_containers_and_options_and_drop_removes(self):
+    def test_a_fetch_a_request_waits_for_goes_before_background_work(self):
+        pacer_clock = FakeClock()
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock,
+                                    pacer=emp.StsPacer(rate=1.0, burst=1.0, clock=pacer_clock))
+        cache.start()
+        self.addCleanup(cache.stop)
+        for number in range(1, 5):
+            cache.prefetch(f"c{number}", f"bg-{number}", emp.RoleSpec(arn("web-role"), f"bg-{number}"))
+        self.assertTrue(wait_until(lambda: cache.cached("c1", emp.RoleSpec(arn("web-role"), "bg-1"))))
+        waiter = threading.Thread(target=lambda: cache.get("c9", "asked-9", emp.RoleSpec(arn("web-role"), "asked-9"), 5))
+        waiter.start()
+        self.assertTrue(wait_until(lambda: len(cache) == 5))   # the request's entry: it waits for a token
+        self.assertEqual(STS.assume_calls(), 1)
+        pacer_clock.now += 1.0   # one token: it must go to the request, not to c2
+        waiter.join(5)
+        self.assertFalse(waiter.is_alive())
+        names = [form.get("RoleSessionName") for form in STS.requests if form.get("Action") == "AssumeRole"]
+        self.assertEqual(names, ["bg-1", "asked-9"])
+
+    def test_throttling_slows_every_sts_call_and_quiet_brings_the_rate_back(self):
+        pacer_clock = FakeClock()
+        pacer = emp.StsPacer(rate=40.0, burst=5.0, quiet=10.0, step=10.0, clock=pacer_clock)
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=pacer)
+        cache.start()
+        self.addCleanup(cache.stop)
+        STS.mode = "throttle"
+        with self.assertRaises(emp.CredentialError) as caught:
+            cache.get("c1", "web-1", self.spec, 5)
+        self.assertEqual(caught.exception.code, "Throttling")
+        self.assertEqual(pacer.rate, 20.0)
+        STS.mode = "ok"
+        pacer_clock.now += 20.0
+        self.clock.now += 10.0   # past the retry backoff
+        self.assertEqual(cache.get("c1", "web-1", self.spec, 5).access_key_id[:4], "ASIA")
+        self.assertEqual(pacer.rate, 40.0)
+
+    def test_a_shared_session_serves_every_container_of_its_spec_until_the_last_is_gone(self):
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200), shared=True)
+        cache.start()
+        self.addCleanup(cache.stop)
+        shared = emp.RoleSpec(arn("web-role"), "ec2metaproxy")
+        other = emp.RoleSpec(arn("web-role"), "ec2metaproxy", policy='{"Statement":[]}')
+        keys = {cache.get(cid, cid, shared, 5).access_key_id for cid in ("c1", "c2", "c3")}
+        self.assertEqual(len(keys), 1)
+        self.assertEqual(STS.assume_calls(), 1)
+        self.assertNotIn(cache.get("c4", "c4", other, 5).access_key_id, keys)   # another spec: its own session
+        self.assertEqual(STS.assume_calls(), 2)
+        cache.drop_container("c1")
+        cache.drop_container("c2")
+        self.assertIn(cache.cached("c3", shared).access_key_id, keys)   # still in use by c3
+        cache.drop_container("c3")
+        self.assertIsNone(cache.cached("c3", shared))
+        self.assertEqual(len(cache), 1)   # only c4's
+
+
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)
         self.assertNotEqual(one.access_key_id, self.cache.get("c2", "web-2", self.spec, 5).access_key_id)
@@ -1518,7 +1694,7 @@ class TestContainerLifecycle(unittest.TestCase):
         STS.reset()
         self.clock = FakeClock()
         self.roles = emp.RoleResolver(emp.parse_config(base_config()))
-        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, background_rate=200)
+        self.cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200))
         self.cache.start()
         self.addCleanup(self.cache.stop)
         self.lifecycle = emp.ContainerLifecycle(self.roles, self.cache)
@@ -1541,6 +1717,46 @@ class TestContainerLifecycle(unittest.TestCase):
         self.assertTrue(wait_until(lambda: self.cache.cached(web.id, self.roles.role_for(web)), timeout=5))
         self.lifecycle.changed([], [web.id])
         self.assertEqual((len(self.cache), len(self.roles)), (0, 0))
+
+    def created(self, cid, labels, name="web-1"):
+        return emp.Container.from_create_event({"ID": cid, "Attributes": dict(labels, name=name, image="busybox")})
+
+    def test_credentials_fetched_on_create_are_ready_at_start(self):
+        cid = "c" * 64
+        self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}))
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        started = container("web-1", labels={"ec2metaproxy.RoleAlias": "web"}, cid=cid)
+        self.lifecycle.changed([started], [])
+        spec = self.roles.role_for(started)
+        self.assertEqual((spec.arn, spec.session_name), (arn("web-role"), "web-1"))
+        self.assertIsNotNone(self.cache.cached(cid, spec))   # no wait: fetched before the start
+        self.assertEqual(STS.assume_calls(), 1)
+
+    def test_a_create_fetch_for_another_role_is_discarded_at_start(self):
+        roles = emp.RoleResolver(emp.parse_config(base_config(envRoles=True)))
+        lifecycle = emp.ContainerLifecycle(roles, self.cache)
+        cid = "d" * 64
+        lifecycle.created(self.created(cid, {}, name="app-1"))   # no label: the default role, for now
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        started = container("app-1", env={"IAM_ROLE": "db"}, cid=cid)   # its environment names db
+        lifecycle.changed([started], [])
+        self.assertEqual(roles.role_for(started).arn, arn("db-role"))
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, roles.role_for(started)), timeout=5))
+        self.assertEqual(len(self.cache), 1)   # the default role's early fetch is gone
+        self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
+
+    def test_a_container_created_and_never_started_keeps_nothing(self):
+        monotonic = FakeClock()
+        lifecycle = emp.ContainerLifecycle(self.roles, self.cache, clock=monotonic)
+        lifecycle.created(self.created("e" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="left"))
+        lifecycle.created(self.created("f" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="removed"))
+        self.assertEqual(len(self.cache), 2)
+        lifecycle.changed([], ["f" * 64])   # its destroy event
+        self.assertEqual(len(self.cache), 1)
+        monotonic.now += 301   # "left" never starts: the next create event prunes it
+        lifecycle.created(self.created("a" * 64, {"ec2metaproxy.RoleAlias": "db"}, name="next"))
+        self.assertEqual(len(self.cache), 1)
+        self.assertIsNone(self.cache.cached("e" * 64, emp.RoleSpec(arn("web-role"), "left")))
 
 
 #####################################################################
@@ -2109,6 +2325,49 @@ class TestMigrationEndToEnd(ProxyTestCase):
         self.start()
         keys = {self.fx.credentials(ip, "web-role")[1]["AccessKeyId"] for ip in ("127.0.0.7", "127.0.0.8", "127.0.0.9")}
         self.assertEqual(len(keys), 3)
+
+
+class TestSessionScope(ProxyTestCase):
+    """sessionScope: one STS session per container (the default) or one per role and options."""
+
+    def three_web_containers(self):
+        for number in range(3):
+            self.docker.add_container(f"web-{number}", [f"127.0.6.{number + 1}"],
+                                      labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.start()
+        answers = [self.fx.credentials(f"127.0.6.{number + 1}", "web-role") for number in range(3)]
+        self.assertEqual([status for status, _ in answers], [200, 200, 200])
+        return {creds["AccessKeyId"] for _, creds in answers}
+
+    def session_names(self):
+        return sorted(form["RoleSessionName"] for form in STS.requests if form.get("Action") == "AssumeRole")
+
+    def test_by_default_every_container_has_its_own_session(self):
+        self.assertEqual(len(self.three_web_containers()), 3)
+        self.assertEqual(self.session_names(), ["web-0", "web-1", "web-2"])
+
+    def test_role_scope_shares_one_session_named_without_the_container(self):
+        self.fx.config = emp.parse_config(dict(self.fx.config_data, sessionScope="role"))
+        self.assertEqual(len(self.three_web_containers()), 1)
+        self.assertEqual(self.session_names(), ["ec2metaproxy"])
+
+
+class TestCreateEventPrefetch(ProxyTestCase):
+    """A container's credentials are fetched on its create event, so its first request finds them."""
+
+    def test_the_first_request_after_start_finds_credentials_fetched_at_create(self):
+        self.start()
+        cid = secrets.token_hex(32)
+        self.docker.emit({"Type": "container", "Action": "create", "id": cid, "status": "create",
+                          "Actor": {"ID": cid, "Attributes": {"name": "web-9", "image": "busybox",
+                                                             "ec2metaproxy.RoleAlias": "web"}}})
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))   # before the container runs
+        self.docker.add_container("web-9", ["127.0.7.1"], labels={"ec2metaproxy.RoleAlias": "web"},
+                                  container_id=cid)
+        status, creds = self.fx.credentials("127.0.7.1", "web-role")
+        self.assertEqual(status, 200, creds)
+        self.assertEqual(STS.assume_calls(), 1)
+        self.assertEqual(STS.requests[0]["RoleSessionName"], "web-9")
 
 
 class TestMockMode(ProxyTestCase):
@@ -3023,6 +3282,47 @@ class TestProxy(unittest.TestCase):
         proxy = emp.Proxy(config, sts=ShiftedSts(FakeClock()))
         self.addCleanup(proxy.server.server_close)
         self.assertNotIn("AWS_EC2_METADATA_DISABLED", os.environ)
+
+
+class TestStsRegion(unittest.TestCase):
+    """Which STS endpoint the proxy calls: the config's, the environment's, else the instance's region."""
+
+    def start_proxy(self, env_region=None, imds_region="ap-southeast-2", **config):
+        fx = ProxyFixture(env_region=env_region, **dict({"stsRegion": None, "stsEndpoint": None}, **config))
+        self.addCleanup(fx.stop)
+        fx.imds.region = imds_region
+        with LogCapture() as logs:
+            fx.start()
+        return fx, logs.text
+
+    def region_asked(self, fx):
+        return [(method, path, {k.lower(): v for k, v in headers.items()}.get("x-aws-ec2-metadata-token"))
+                for method, path, headers in fx.imds.requests
+                if path == "/latest/meta-data/placement/region"]
+
+    def test_the_instances_region_by_default_asked_with_an_imdsv2_token(self):
+        # The regional endpoint even where boto's own configuration still says the global one.
+        saved = os.environ.get("AWS_STS_REGIONAL_ENDPOINTS")
+        os.environ["AWS_STS_REGIONAL_ENDPOINTS"] = "legacy"
+        self.addCleanup(lambda: os.environ.pop("AWS_STS_REGIONAL_ENDPOINTS") if saved is None
+                        else os.environ.update(AWS_STS_REGIONAL_ENDPOINTS=saved))
+        fx, logs = self.start_proxy()
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.ap-southeast-2.amazonaws.com")
+        self.assertIn("STS endpoint: https://sts.ap-southeast-2.amazonaws.com", logs)
+        self.assertEqual(self.region_asked(fx), [("GET", "/latest/meta-data/placement/region", fx.imds.token)])
+
+    def test_the_config_and_then_the_environment_come_first(self):
+        fx, logs = self.start_proxy(stsRegion="eu-west-1")
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.eu-west-1.amazonaws.com")
+        self.assertEqual(self.region_asked(fx), [])
+        fx, logs = self.start_proxy(env_region="ca-central-1")
+        self.assertEqual(fx.proxy.sts.endpoint(), "https://sts.ca-central-1.amazonaws.com")
+        self.assertEqual(self.region_asked(fx), [])
+
+    def test_an_unknown_region_says_so_and_falls_back_to_boto3(self):
+        fx, logs = self.start_proxy(imds_region="not a region")
+        self.assertIn("the instance's region is unknown", logs)
+        self.assertNotIn("not a region", fx.proxy.sts.endpoint())
 
 
 class ProcessTestCase(unittest.TestCase):

@@ -104,18 +104,41 @@ def quiet_rows(results):
 
 def first_rows(results):
     rows = []
-    for delay, label in (("1.5", "1.5 s after"), ("0.0", "right after")):
+    for key, label, p50_target in (("1.5", "1.5 s after the start event", 10),
+                                   ("0.0", "right after the start event", 10),
+                                   ("0.0+create0.05", "right after the start event, create event 50 ms "
+                                                      "before it", 5)):
         cells = []
         for server in ("ec2metaproxy", "lyft"):
-            entry = results["first_request"][server][delay]
+            entry = results["first_request"][server][key]
             lat = entry["latency"]
             failed = f", {entry['failed']} failed" if entry["failed"] else ""
             cells.append(f"{fmt(lat['p50'], 1)} / {fmt(lat['max'], 1)} (n={lat['n']}{failed})")
-        proxy = results["first_request"]["ec2metaproxy"][delay]
-        ok = (proxy["failed"] == 0 and proxy["latency"]["p50"] < 10 and proxy["latency"]["max"] < 100)
-        rows.append([f"first request {label} the start event: p50 / max ms",
-                     cells[0], DASH, cells[1], DASH, "p50 < 10 ms, none > 100 ms", met(ok)])
+        proxy = results["first_request"]["ec2metaproxy"][key]
+        ok = (proxy["failed"] == 0 and proxy["latency"]["p50"] < p50_target and proxy["latency"]["max"] < 100)
+        rows.append([f"first request {label}: p50 / max ms",
+                     cells[0], DASH, cells[1], DASH, f"p50 < {p50_target} ms, none > 100 ms", met(ok)])
     return rows
+
+
+def sts_rows(results):
+    entry = results["restart"]
+    rate, _ = entry["sts_limit"]
+    unavailable = entry["answers"].get("503", 0)
+    asked = sum(entry["answers"].values())
+    done = entry["all_credentials_s"]
+    per_hour = results["calls_per_container_hour"]
+    return [
+        [f"host restart, {entry['containers']:,} containers, STS throttling above {rate:g}/s: "
+         "every container has credentials after, s", fmt(done, 1) if done is not None else "not within the wait",
+         DASH, DASH, DASH, f"≥ {entry['containers'] / rate:.0f} s (STS's budget)", ""],
+        ["same restart: STS calls (throttled), highest calls in one second",
+         f"{entry['sts_calls']:,} ({entry['throttled']:,}), {entry['max_calls_per_s']}/s", DASH, DASH, DASH, "", ""],
+        ["same restart: a client's requests meanwhile answered 503",
+         f"{unavailable:,} of {asked:,}", DASH, DASH, DASH, "", ""],
+        ["STS calls per container-hour, sessionScope container / role (simulated clock, 5 roles)",
+         f"{per_hour['container']} / {per_hour['role']}", DASH, DASH, DASH, "", ""],
+    ]
 
 
 def pacing(entry):
@@ -172,7 +195,7 @@ def table(results):
     """The one results table, as Markdown."""
     header = ["measurement", *HEADERS, "target", "met"]
     rows = (mode_rows(results, "new_connection", "hot path, new connection")
-            + quiet_rows(results) + first_rows(results) + scale_rows(results)
+            + quiet_rows(results) + first_rows(results) + scale_rows(results) + sts_rows(results)
             + mode_rows(results, "keep_alive", "hot path, keep-alive"))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -237,7 +260,15 @@ All traffic stays on loopback.
 - **First request**: a container with a role not used before is added to the Docker
   stand-in (a start event goes out on `/events`). It asks for credentials
   {s['first_request_samples']} times 1.5 s after the event and {s['first_request_samples']} times right
-  after it.
+  after it; {s['first_request_samples']} more times right after it, with the container's create event
+  (its labels among the attributes, as Docker sends them) 50 ms before the start event.
+- **Host restart under throttling**: the proxy starts with 1,000 running containers while the
+  STS stand-in answers Throttling above a set rate (a token bucket, like an account's STS
+  budget). One client asks random containers for credentials every 10 ms meanwhile. The
+  time is until the last container's credentials were fetched.
+- **STS calls per container-hour**: `bench/fleet_sim.py`'s steady state for one host of 50
+  containers over {results.get('sim_hours', 24)} simulated hours, with the proxy's own pacer and
+  refresh schedule on a simulated clock (see docs/fleet.md).
 - **Scale**: the proxy is started against 1,000 and then 5,000 containers sharing
   {s['scale_roles']} roles; ec2metaproxy assumes one STS session per container. Start-up is the
   time from process start until the last listed container gets its credentials, asking

@@ -36,6 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import fleet_sim  # noqa: E402
 import report  # noqa: E402
 import scenarios as sc  # noqa: E402
 import servers as srv  # noqa: E402
@@ -48,10 +49,14 @@ LOG_DIR = OUT_DIR / "logs"
 DOCS_DIR = REPO_ROOT / "docs"
 COMMAND = "python3 bench/run.py"
 KEEPALIVE_REQUESTS = 100          # requests per connection in the keep-alive runs
-FIRST_REQUEST_DELAYS = (1.5, 0.0)  # seconds between start event and first request
-FIRST_REQUEST_SAMPLES = 5          # per delay and server
+# (seconds between start event and first request, seconds its create event came before the start)
+FIRST_REQUEST_KINDS = ((1.5, None), (0.0, None), (0.0, 0.05))
+FIRST_REQUEST_SAMPLES = 5          # per kind and server
 SCALE_SIZES = (1000, 5000)
 SCALE_ROLES = 100
+RESTART_CONTAINERS = 1000
+RESTART_STS_LIMIT = (15.0, 15.0)   # the STS stand-in's budget: calls a second, burst
+SIM_HOURS = 24                     # simulated hours for the STS calls per container-hour
 
 
 def parse_args():
@@ -71,19 +76,19 @@ def make_logger():
 
 
 def fresh_samples(roles, subnet):
-    """First-request samples, alternating delays, each with an unused role."""
+    """First-request samples, alternating kinds, each with an unused role."""
     samples = []
     for index in range(FIRST_REQUEST_SAMPLES):
-        for offset, delay in enumerate(FIRST_REQUEST_DELAYS):
-            n = index * len(FIRST_REQUEST_DELAYS) + offset
-            samples.append((delay, roles[n], f"127.0.{subnet}.{n + 1}"))
+        for offset, (delay, create_gap) in enumerate(FIRST_REQUEST_KINDS):
+            n = index * len(FIRST_REQUEST_KINDS) + offset
+            samples.append((delay, create_gap, roles[n], f"127.0.{subnet}.{n + 1}"))
     return samples
 
 
 def compare_servers(lyft_python, args, log):
     """Measurements 1, 2, 3 and 5: the three servers side by side."""
     hot_roles = [sc.hot_role(n) for n in range(1, sc.HOT_CONTAINERS + 1)]
-    fresh_roles = [f"fresh{n:02d}" for n in range(1, 1 + FIRST_REQUEST_SAMPLES * len(FIRST_REQUEST_DELAYS))]
+    fresh_roles = [f"fresh{n:02d}" for n in range(1, 1 + FIRST_REQUEST_SAMPLES * len(FIRST_REQUEST_KINDS))]
     with StandIns(OUT_DIR / "docker.sock") as standins, contextlib.ExitStack() as running:
         for n in range(1, sc.HOT_CONTAINERS + 1):
             standins.docker.add_container(f"hot{n:02d}", [sc.hot_ip(n)], **sc.container_args(sc.hot_role(n)))
@@ -140,6 +145,34 @@ def scale(count, log):
                             lambda: srv.proxy_server(config, port, LOG_DIR / f"ec2metaproxy-{count}.log"), log)
 
 
+def restart(log):
+    """A host restart with RESTART_CONTAINERS running containers, STS throttling above a set rate."""
+    roles = [sc.scale_role(index, SCALE_ROLES) for index in range(SCALE_ROLES)]
+    with StandIns(OUT_DIR / "docker-restart.sock") as standins:
+        for index in range(RESTART_CONTAINERS):
+            standins.docker.add_container(f"r{index:05d}", [sc.scale_ip(index)], emit=False,
+                                          **sc.container_args(sc.scale_role(index, SCALE_ROLES)))
+        standins.sts.set_limit(*RESTART_STS_LIMIT)
+        port = free_port()
+        config = srv.write_proxy_config(OUT_DIR / "proxy-restart.json", port, roles,
+                                        standins.docker_socket, standins.imds.url, standins.sts.url)
+        return sc.restart_under_throttling(
+            RESTART_CONTAINERS, SCALE_ROLES, standins,
+            lambda: srv.proxy_server(config, port, LOG_DIR / "ec2metaproxy-restart.log"), log)
+
+
+def calls_per_container_hour():
+    """STS calls per container-hour for both session scopes, on bench/fleet_sim.py's simulated clock
+    (the proxy's own pacer and refresh schedule; one host, 50 containers of 5 roles)."""
+    result = {}
+    for scope in ("container", "role"):
+        args = fleet_sim.parse_args(["--hosts", "1", "--containers", "50", "--roles", "5",
+                                     "--seconds", str(SIM_HOURS * 3600), "--scenario", "steady"])
+        fleet, _ = fleet_sim.simulate(args, "steady", scope, args.seconds)
+        result[scope] = round(sum(fleet.timeline.calls) / (50 * SIM_HOURS), 2)
+    return result
+
+
 def main():
     args = parse_args()
     log = make_logger()
@@ -159,6 +192,9 @@ def main():
     for count in SCALE_SIZES:
         log(f"scale: {count} containers")
         results["scale"].append(scale(count, log))
+    log(f"restart: {RESTART_CONTAINERS} containers, STS throttling above {RESTART_STS_LIMIT[0]:g}/s")
+    results["restart"] = restart(log)
+    results["calls_per_container_hour"] = calls_per_container_hour()
     results["wall_s"] = round(time.monotonic() - began, 1)
     results_file = OUT_DIR / "results.json"
     results_file.write_text(json.dumps(results, indent=1))

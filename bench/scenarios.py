@@ -8,6 +8,7 @@ recording front, host IMDS) come from the project's test module.
 import collections
 import json
 import random
+import secrets
 import subprocess
 import sys
 import time
@@ -141,25 +142,37 @@ def alternate_rounds(servers, standins, rounds, seconds, per_connection, log):
     return results
 
 
+def first_request_key(delay, create_gap):
+    return f"{delay}" if create_gap is None else f"{delay}+create{create_gap}"
+
+
 def first_requests(port, docker, samples, log):
     """Latency of new containers' first credential requests.
 
-    samples: [(delay s, role, source address)].  For each, a container with
-    that role and address is added to the Docker stand-in (which emits its
-    start event) and asks for credentials `delay` seconds later.  Returns
-    {delay: {"latency": percentiles, "failed": non-200 count}}.
+    samples: [(delay s, create gap s or None, role, source address)].  For
+    each, a container with that role and address is added to the Docker
+    stand-in (which emits its start event; with a create gap, a create event
+    with its labels goes out that long before) and asks for credentials
+    `delay` seconds after the start.  Returns {first_request_key: {"latency":
+    percentiles, "failed": non-200 count}}.
     """
     latencies = collections.defaultdict(list)
     failed = collections.Counter()
-    for delay, role, ip in samples:
-        docker.add_container(f"late-{ip}", [ip], **container_args(role))
+    for delay, create_gap, role, ip in samples:
+        args, container_id = container_args(role), secrets.token_hex(32)
+        if create_gap is not None:
+            attributes = dict(args["labels"], name=f"late-{ip}", image="busybox:latest")
+            docker.emit({"Type": "container", "Action": "create", "id": container_id, "status": "create",
+                         "Actor": {"ID": container_id, "Attributes": attributes}})
+            time.sleep(create_gap)
+        docker.add_container(f"late-{ip}", [ip], container_id=container_id, **args)
         time.sleep(delay)
         status, _, elapsed = get_credentials(port, ip, role, timeout=10)
-        latencies[delay].append(elapsed)
-        failed[delay] += status != 200
-        log(f"  first request {delay} s after start: {elapsed * 1000:.1f} ms, HTTP {status}")
-    return {str(delay): {"latency": percentiles_ms(values), "failed": failed[delay]}
-            for delay, values in latencies.items()}
+        key = first_request_key(delay, create_gap)
+        latencies[key].append(elapsed)
+        failed[key] += status != 200
+        log(f"  first request {key} s after start: {elapsed * 1000:.1f} ms, HTTP {status}")
+    return {key: {"latency": percentiles_ms(values), "failed": failed[key]} for key, values in latencies.items()}
 
 
 def scale_ip(index):
@@ -264,3 +277,42 @@ def scale_run(count, roles, standins, new_proxy, log, lookups=300):
             "lookup": percentiles_ms(timings),
             "rss_mb": round(rss, 1),
         }
+
+
+def restart_under_throttling(count, roles, standins, new_proxy, log, poll_interval=0.01):
+    """A host restart: the proxy starts with `count` running containers while STS throttles
+    above a set rate (standins.sts.limit).  Meanwhile one client asks random containers for
+    credentials every poll_interval.  Measures the time until every container has credentials
+    (the last of `count` successful AssumeRole calls), the highest rate of calls STS saw in any
+    second (throttled ones included), and the client's answers by status.
+    """
+    sts = standins.sts
+    call_mark, throttled_mark = len(sts.call_times), len(sts.throttled_times)
+    answers = collections.Counter()
+    rng = random.Random(count)
+    with new_proxy() as server:
+        server.wait_listening(60)
+        deadline = time.monotonic() + count / sts.limit[0] * 4 + 60
+        while time.monotonic() < deadline:
+            calls = len(sts.call_times) - call_mark
+            throttled = len(sts.throttled_times) - throttled_mark
+            if calls - throttled >= count:
+                break
+            index = rng.randrange(count)
+            try:
+                status, _, _ = get_credentials(server.port, scale_ip(index), scale_role(index, roles), timeout=5)
+            except OSError as exc:
+                answers[type(exc).__name__] += 1
+            else:
+                answers[status] += 1
+            time.sleep(poll_interval)
+        calls = list(sts.call_times[call_mark:])
+        throttled = len(sts.throttled_times) - throttled_mark
+        done = len(calls) - throttled >= count
+        all_credentials_s = calls[-1] - server.started_at if done and calls else None
+        rates = per_second(calls, server.started_at)
+        log(f"  restart, {count} containers, STS limited to {sts.limit[0]:g}/s: every container has credentials "
+            f"after {all_credentials_s} s; {len(calls)} calls, {throttled} throttled; answers {dict(answers)}")
+        return {"containers": count, "sts_limit": list(sts.limit), "all_credentials_s": all_credentials_s,
+                "sts_calls": len(calls), "throttled": throttled, "max_calls_per_s": max(rates, default=0),
+                "sts_per_second": rates, "answers": {str(k): v for k, v in answers.items()}}

@@ -1724,7 +1724,8 @@ class TestContainerLifecycle(unittest.TestCase):
     def test_credentials_fetched_on_create_are_ready_at_start(self):
         cid = "c" * 64
         self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}))
-        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        fetched = emp.RoleSpec(arn("web-role"), "web-1")
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, fetched), timeout=5))
         started = container("web-1", labels={"ec2metaproxy.RoleAlias": "web"}, cid=cid)
         self.lifecycle.changed([started], [])
         spec = self.roles.role_for(started)

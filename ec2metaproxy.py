@@ -2378,19 +2378,21 @@ class MetadataService:
     def binding(container: Optional[Container], source: str) -> str:
         return container.id if container is not None else "ip:" + source
 
-    def authorize(self, request: Request) -> Optional[Container]:
-        """Check the method and the IMDSv2 token of a metadata read; the caller the token names, if any."""
+    def authorize(self, request: Request, resync: bool) -> Optional[Container]:
+        """Check the method and the IMDSv2 token of a metadata read; return the caller.
+
+        The caller is looked up once, so the token is checked against the very container
+        whose answer is given.
+        """
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, "metadata is read with GET or HEAD", headers=(("Allow", "GET, HEAD"),))
         token = request.headers.get(TOKEN_HEADER)
-        if token is None:
-            if self.require_tokens:
-                raise HttpError(401, "no token")   # IMDSv2 only, like HttpTokens=required
-            return None
-        container = self.caller(request.source, resync=False)
+        if token is None and self.require_tokens:
+            raise HttpError(401, "no token")   # IMDSv2 only, like HttpTokens=required
+        container = self.caller(request.source, resync)
         # A token taken while the caller was unknown is bound to its address, and stops
         # working once a container is known there: the address may have been reused.
-        if not self.tokens.valid(token, self.binding(container, request.source)):
+        if token is not None and not self.tokens.valid(token, self.binding(container, request.source)):
             raise HttpError(401, "token not valid for this caller")
         return container
 
@@ -2411,10 +2413,9 @@ class MetadataService:
 
     def iam(self, request: Request, path: str, match, deadline: float) -> Answer:
         """A path under meta-data/iam/, answered for the calling container; never the host's."""
-        self.authorize(request)
+        container = self.authorize(request, resync=True)
         if not VALID_VERSION.match(match.group(1)):
             raise HttpError(404, "no such metadata version")
-        container = self.caller(request.source, resync=True)
         spec = self.roles.role_for(container) if container is not None else None
         if container is not None:
             request.container = container.name
@@ -2455,12 +2456,12 @@ class MetadataService:
 
     def refuse(self, request: Request, path: str, match, deadline: float) -> Answer:
         """meta-data/identity-credentials/: the instance's own identity, never given to a container."""
-        self.authorize(request)
+        self.authorize(request, resync=False)
         raise HttpError(404, "identity credentials are the host's")
 
     def forward(self, request: Request, path: str, match, deadline: float) -> Answer:
         """Any other path, from the host's service, if no server could read it as a credential path."""
-        container = self.authorize(request) or self.index.lookup(request.source)
+        container = self.authorize(request, resync=False)
         if container is not None:
             request.container = container.name
         if names_credentials(path):
@@ -3001,10 +3002,10 @@ class MetadataProxyServer(socketserver.TCPServer):
 # main ##############################################################
 # Owns the command line, logging, signals, and the wiring of the parts.
 
-# A run of 32+ base64 characters mixing upper case, lower case and digits: the shape of a secret
-# key, a session token (between its slashes) or an IMDSv2 token, and not of a path, an ARN or a
-# hex container id.
-SECRET_CANDIDATE = re.compile(r"[A-Za-z0-9+=_-]{32,}")
+# A run of 32+ base64 characters ("/" included: secret keys hold it) mixing upper case, lower
+# case and digits: the shape of a secret key, a session token or an IMDSv2 token, and not of a
+# lower-case path, an ARN or a hex container id.
+SECRET_CANDIDATE = re.compile(r"[A-Za-z0-9+/=_-]{32,}")
 
 
 def redact(text: str) -> str:

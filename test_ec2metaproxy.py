@@ -1677,7 +1677,7 @@ class TestCredentialCache(unittest.TestCase):
         self.assertIsNone(cache.cached("c3", shared))
         self.assertEqual(len(cache), 1)   # only c4's
 
-
+    def test_keys_separate_containers_and_options_and_drop_removes(self):
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)
         self.assertNotEqual(one.access_key_id, self.cache.get("c2", "web-2", self.spec, 5).access_key_id)
@@ -2138,6 +2138,16 @@ class TestMetadataService(ProxyTestCase):
         self.docker.add_container("silent-1", ["127.0.0.6"], emit=False)
         self.assertEqual(self.fx.credentials("127.0.0.6", "default-role")[0], 200)
         self.assertEqual(self.fx.proxy.index.lookup("127.0.0.5").id, new)
+
+    def test_a_token_taken_while_unknown_never_gets_the_container_docker_lists_there_later(self):
+        status, _, token = self.fx.request("/latest/api/token", "127.0.0.9", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        self.assertEqual(status, 200)   # nobody known at 127.0.0.9: bound to the address
+        self.docker.add_container("db-9", ["127.0.0.9"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
+        status, _, body = self.fx.request("/latest/meta-data/iam/security-credentials/db-role", "127.0.0.9",
+                                          headers={"X-aws-ec2-metadata-token": token})
+        self.assertEqual(status, 401, body)
+        self.assertNotIn("AccessKeyId", body)
 
     def test_ip_reuse_never_returns_the_previous_containers_credentials(self):
         status, old = self.fx.credentials("127.0.0.2", "web-role")
@@ -3197,6 +3207,7 @@ class TestRedaction(unittest.TestCase):
     """redact() and the formatter on their own: secrets blanked, everything a person needs kept."""
 
     SECRETS = ("wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",   # a secret access key's shape
+               "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",   # AWS's own example: base64 holds "/"
                "FwoGZXIvYXdzEJr//////////wEaDM7Gd9XfKj2m3hXzYyKwAQx8Pq2Lr5TnVb7Wc4Zs1Hy6Ju3Ki9Og0Me",
                "AQAEAF7yR3pqVmWnTq5dZs4Kx0Vb8mH2cJ6LwYuN1eDgRfT9iS==")
     KEPT = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",   # a container id

@@ -800,11 +800,14 @@ class ContainerIndex:
             networks = {name: ips for name, ips in container.networks.items() if name != network}
             replacement = dataclasses.replace(container, networks=networks)
             self._by_id[container_id] = replacement
+            kept = set(replacement.ips)
             for ip in container.ips:
+                # Only what pointed to it: an address two containers claim stays blocked (None).
                 if self._by_ip.get(ip) is container:
-                    del self._by_ip[ip]
-            for ip in replacement.ips:
-                self._by_ip[ip] = replacement
+                    if ip in kept:
+                        self._by_ip[ip] = replacement
+                    else:
+                        del self._by_ip[ip]
 
     def revive(self, key: str) -> None:
         """A start or connect event: the next listing may show the container (or network) again."""

@@ -932,6 +932,17 @@ class TestContainerIndex(unittest.TestCase):
         self.assertFalse(self.index.knows("172.17.0.2"))
         self.assertEqual(len(self.index), 1)
 
+    def test_a_disconnect_leaves_an_address_two_containers_claim_blocked(self):
+        one = self.container("1" * 64, bridge="172.17.0.5", app="10.9.0.5")
+        two = self.container("2" * 64, other="10.9.0.5")
+        self.index.install([one, two], self.clock())
+        self.assertIsNone(self.index.lookup("10.9.0.5"))   # claimed twice: nobody gets it
+        self.index.disconnect("1" * 64, "bridge")
+        self.assertIsNone(self.index.lookup("10.9.0.5"))
+        self.assertIsNone(self.index.lookup("172.17.0.5"))
+        self.index.disconnect("2" * 64, "other")
+        self.assertIsNone(self.index.lookup("10.9.0.5"))   # still unsure until a listing says
+
     def test_a_listing_keeps_unchanged_containers_as_they_were(self):
         before = self.container("1" * 64, bridge="172.17.0.41")
         self.index.install([before], self.clock())

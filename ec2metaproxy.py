@@ -1195,7 +1195,7 @@ class RoleResolver:
         return spec
 
     def provisional(self, container: Container) -> Optional[RoleSpec]:
-        """The role from what is known before the container starts; neither remembered nor logged."""
+        """The role from what is known before the container starts (its create event); not remembered."""
         return self._resolve(container)[0]
 
     def forget(self, container_ids) -> None:
@@ -1618,6 +1618,7 @@ class _Entry:
     failures: int = 0
     retry_at: float = 0.0
     orphan: bool = False   # made by a request that raced its container's removal: kept for that request only
+    provisional: bool = False   # fetched on a create event: not refreshed or retried until the start adopts it
 
 
 class CredentialCache:
@@ -1722,37 +1723,52 @@ class CredentialCache:
 
     # Background work
 
-    def prefetch(self, container_id: str, label: str, spec: RoleSpec) -> None:
-        """Fetch credentials for a new container in the background (paced)."""
+    def prefetch(self, container_id: str, label: str, spec: RoleSpec, provisional: bool = False) -> None:
+        """Fetch credentials for a new container in the background (paced).
+
+        Provisional (a create event's guess): fetched once, never refreshed or retried,
+        until a prefetch of the same spec at the container's start adopts it.
+        """
         with self._lock:
             self._gone.pop(container_id, None)   # a restart keeps the id
             key = self._key(container_id, spec)
+            fresh = key not in self._entries
             entry = self._entry_locked(key, container_id, label)
+            if fresh:
+                entry.provisional = provisional
+            elif entry.provisional and not provisional:
+                entry.provisional = False   # started as its create event said: refreshed from now on
+                if entry.creds is not None and entry.done is None:
+                    self._schedule_locked(key, entry.refresh_at)
             if entry.creds is None and entry.done is None:
-                self._schedule_locked(key, self._clock())
+                self._schedule_locked(key, max(self._clock(), entry.retry_at))
+
+    def discard_provisional(self, container_id: str, keep: Optional[RoleSpec]) -> None:
+        """Drop a started container's create-time fetches for any spec but the one decided at start."""
+        kept = None if keep is None else self._key(container_id, keep)
+        with self._lock:
+            for key in list(self._by_container.get(container_id, ())):
+                entry = self._entries.get(key)
+                if key != kept and entry is not None and entry.provisional:
+                    self._unlink_locked(key, container_id)
 
     def drop_container(self, container_id: str) -> None:
         """Forget every credential of a container that is gone (a shared one with its last user)."""
         with self._lock:
-            for key in self._by_container.pop(container_id, ()):
-                self._release_locked(key, container_id)
+            for key in list(self._by_container.get(container_id, ())):
+                self._unlink_locked(key, container_id)
             now = self._clock()
             self._gone.pop(container_id, None)
             self._gone[container_id] = now
             while self._gone and next(iter(self._gone.values())) < now - self.GONE_REMEMBERED:
                 del self._gone[next(iter(self._gone))]
 
-    def forget(self, container_id: str, spec: RoleSpec) -> None:
-        """The container no longer uses spec (it was decided otherwise at its start)."""
-        key = self._key(container_id, spec)
-        with self._lock:
-            keys = self._by_container.get(container_id, set())
-            keys.discard(key)
-            if not keys:
-                self._by_container.pop(container_id, None)
-            self._release_locked(key, container_id)
-
-    def _release_locked(self, key, container_id: str) -> None:
+    def _unlink_locked(self, key, container_id: str) -> None:
+        """The container no longer uses key; the entry goes with its last user."""
+        keys = self._by_container.get(container_id, set())
+        keys.discard(key)
+        if not keys:
+            self._by_container.pop(container_id, None)
         users = self._users.get(key, set())
         users.discard(container_id)
         if not users:
@@ -1777,12 +1793,9 @@ class CredentialCache:
         self._by_container.setdefault(container_id, set()).add(key)
 
     def _forget_locked(self, key) -> None:
+        for user in list(self._users.get(key, ())):
+            self._unlink_locked(key, user)
         self._entries.pop(key, None)
-        for user in self._users.pop(key, ()):
-            keys = self._by_container.get(user, set())
-            keys.discard(key)
-            if not keys:
-                self._by_container.pop(user, None)
 
     def _schedule_locked(self, key, when: float) -> None:
         self._seq += 1
@@ -1872,7 +1885,8 @@ class CredentialCache:
                 self.pacer.throttled()
             if entry.orphan:
                 self._forget_locked(key)   # answer the request that made it; keep nothing
-            current = self._entries.get(key) is entry
+            # Kept up (refreshed, retried) while it is held and its container has started.
+            current = self._entries.get(key) is entry and not entry.provisional
             if creds is not None:
                 lifetime = max(creds.expiration - now, 0.0)
                 entry.creds, entry.error, entry.failures = creds, None, 0
@@ -1907,39 +1921,23 @@ class ContainerLifecycle:
     credentials; forgets a gone container's credentials and role.
 
     A container's credentials are first fetched on its create event, from its labels, so
-    that they are ready when it starts; the decision made at start, with its networks and
-    environment, wins, and an early fetch for another role is discarded.
+    that they are ready when it starts and asks at once. That fetch is provisional: the
+    decision made at start, with the container's networks and environment, adopts it or
+    discards it.
     """
 
-    EARLY_KEPT = 300.0   # seconds an early fetch waits for its container to start
-
-    def __init__(self, roles: RoleResolver, credentials: CredentialCache,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, roles: RoleResolver, credentials: CredentialCache):
         self._roles = roles
         self._credentials = credentials
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._early: Dict[str, Tuple[RoleSpec, float]] = {}   # container id -> create-time role, when
 
     def created(self, container: Container) -> None:
-        """A create event: fetch for the role its labels name, ahead of its start."""
+        """A create event: fetch, once, for the role its labels name."""
         spec = self._roles.provisional(container)
-        if spec is None:
-            return
-        with self._lock:
-            self._early[container.id] = (spec, self._clock())
-            stale = self._stale_locked()
-        self._credentials.prefetch(container.id, container.name, spec)
-        for container_id, old in stale:
-            self._credentials.forget(container_id, old)
+        if spec is not None:
+            self._credentials.prefetch(container.id, container.name, spec, provisional=True)
 
     def changed(self, added: List[Container], removed: List[str]) -> None:
         """Called by DockerWatcher, from its own threads, holding no lock."""
-        with self._lock:
-            for container_id in removed:
-                self._early.pop(container_id, None)   # its credentials are all dropped below
-            early = {container.id: self._early.pop(container.id)[0] for container in added
-                     if container.id in self._early}
         for container_id in removed:
             self._credentials.drop_container(container_id)
         self._roles.forget(removed)
@@ -1947,16 +1945,7 @@ class ContainerLifecycle:
             spec = self._roles.role_for(container)
             if spec is not None:
                 self._credentials.prefetch(container.id, container.name, spec)
-            if container.id in early and early[container.id] != spec:
-                self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
-
-    def _stale_locked(self) -> List[Tuple[str, RoleSpec]]:
-        # Created and never started (or its start was missed): stop refreshing for it.
-        oldest = self._clock() - self.EARLY_KEPT
-        stale = [(container_id, spec) for container_id, (spec, when) in self._early.items() if when < oldest]
-        for container_id, _ in stale:
-            del self._early[container_id]
-        return stale
+            self._credentials.discard_provisional(container.id, keep=spec)
 
 
 #####################################################################

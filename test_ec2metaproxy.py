@@ -1757,18 +1757,22 @@ class TestContainerLifecycle(unittest.TestCase):
         self.assertEqual(len(self.cache), 1)   # the default role's early fetch is gone
         self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
 
-    def test_a_container_created_and_never_started_keeps_nothing(self):
-        monotonic = FakeClock()
-        lifecycle = emp.ContainerLifecycle(self.roles, self.cache, clock=monotonic)
-        lifecycle.created(self.created("e" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="left"))
-        lifecycle.created(self.created("f" * 64, {"ec2metaproxy.RoleAlias": "web"}, name="removed"))
-        self.assertEqual(len(self.cache), 2)
-        lifecycle.changed([], ["f" * 64])   # its destroy event
-        self.assertEqual(len(self.cache), 1)
-        monotonic.now += 301   # "left" never starts: the next create event prunes it
-        lifecycle.created(self.created("a" * 64, {"ec2metaproxy.RoleAlias": "db"}, name="next"))
-        self.assertEqual(len(self.cache), 1)
-        self.assertIsNone(self.cache.cached("e" * 64, emp.RoleSpec(arn("web-role"), "left")))
+    def test_a_create_fetch_is_not_kept_up_until_its_container_starts(self):
+        cid = "e" * 64
+        spec = emp.RoleSpec(arn("web-role"), "left")
+        self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}, name="left"))
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, spec), timeout=5))
+        self.assertEqual(self.cache.counts()["scheduled"], 0)   # no refresh: it may never start
+        self.lifecycle.changed([], [cid])   # its destroy event
+        self.assertEqual(len(self.cache), 0)
+
+    def test_a_start_adopts_the_create_fetch_and_keeps_it_up(self):
+        cid = "a" * 64
+        self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}, name="late"))
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, emp.RoleSpec(arn("web-role"), "late")), timeout=5))
+        self.lifecycle.changed([container("late", labels={"ec2metaproxy.RoleAlias": "web"}, cid=cid)], [])
+        self.assertEqual(self.cache.counts()["scheduled"], 1)   # its refresh
+        self.assertEqual(STS.assume_calls(), 1)
 
 
 #####################################################################

@@ -2315,7 +2315,9 @@ class MetadataUpstream:
                 length = response.getheader("Content-Length")
                 if length is not None and DECIMAL.match(length) and int(length) > self.MAX_BODY:
                     raise HttpError(502, "answer too large")
-                body = response.read(self.MAX_BODY + 1) if method != "HEAD" else b""
+                # Read even for HEAD (http.client gives b""): an unread answer leaves the kept-alive
+                # connection unusable, and the next request on it would fail.
+                body = response.read(self.MAX_BODY + 1)
                 if len(body) > self.MAX_BODY:
                     raise HttpError(502, "answer too large")
             except HttpError:

@@ -369,7 +369,7 @@ def parse_forward(key: str, value) -> ForwardRule:
             raise ConfigError(f"{where}.{name}: " + ("required key is missing" if name == "allow" else
                                                      "unknown key (expected allow)"))
         elif item == "all":
-            raise ConfigError(f'{where}: "all" stands alone; it cannot be combined with other items')
+            raise ConfigError(f'{where}: "all" is written alone, not in a list')
         else:
             raise ConfigError(f"{where}: {json.dumps(item)[:60]} is not one of \"all\", "
                               f"{', '.join(json.dumps(p) for p in FORWARD_PRESETS)} or {{\"allow\": [...]}}")

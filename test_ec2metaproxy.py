@@ -828,7 +828,7 @@ class TestConfig(unittest.TestCase):
         good = base_config()
         cases = [
             (dict(good, forward="none"), 'forward: "none" is not one of "all", "deny-user-data", "deny-tags" or'),
-            (dict(good, forward=["all", "deny-tags"]), 'forward[0]: "all" stands alone'),
+            (dict(good, forward=["all", "deny-tags"]), 'forward[0]: "all" is written alone, not in a list'),
             (dict(good, forward=[]), 'forward: an empty list; write "all"'),
             (dict(good, forward={"allow": "instance-id"}), "forward.allow: expected a list of path patterns"),
             (dict(good, forward={"alow": []}), "forward.alow: unknown key (expected allow)"),

@@ -153,6 +153,7 @@ class AliasOptions:
     session_duration: Optional[int] = None
     session_tags: Tuple[Tuple[str, str], ...] = ()
     allow: Optional["AllowRule"] = None
+    require_tokens: bool = False   # IMDSv2 only for the containers using this alias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +163,22 @@ class AllowRule:
     images: Tuple[str, ...] = ()
     labels: Tuple[Tuple[str, str], ...] = ()
     networks: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardRule:
+    """Which other metadata paths containers may read from the host's service (the `forward` key).
+
+    Patterns are case-folded globs on the path after its version: `meta-data/instance-id`,
+    `user-data`, `dynamic/...`. `allow` None means every path not denied; a deny pattern covers its subtree.
+    """
+
+    allow: Optional[Tuple[str, ...]] = None
+    deny: Tuple[str, ...] = ()
+
+    @property
+    def everything(self) -> bool:
+        return self.allow is None and not self.deny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +210,7 @@ class Config:
     sts_rate: float = 25.0
     sts_burst: float = 10.0
     session_scope: str = "container"
+    forward: ForwardRule = ForwardRule()
 
 
 def _expect(key: str, value, kind, what: str):
@@ -279,7 +297,8 @@ def parse_allow(key: str, value) -> AllowRule:
     return AllowRule(tuple(images), tuple(sorted(labels.items())), tuple(networks))
 
 
-ALIAS_KEYS = {"arn", "externalId", "policy", "policyArns", "sessionDuration", "sessionTags", "allow"}
+ALIAS_KEYS = {"arn", "externalId", "policy", "policyArns", "sessionDuration", "sessionTags", "allow",
+              "requireTokens"}
 
 
 def parse_alias(key: str, value) -> AliasOptions:
@@ -308,7 +327,55 @@ def parse_alias(key: str, value) -> AliasOptions:
                           if "sessionDuration" in value else None),
         session_tags=parse_tags(f"{key}.sessionTags", value.get("sessionTags", {})),
         allow=parse_allow(f"{key}.allow", value["allow"]) if "allow" in value else None,
+        require_tokens=_expect(f"{key}.requireTokens", value.get("requireTokens", False), bool, "true or false"),
     )
+
+
+# The `forward` presets, as deny patterns (each covers its subtree).
+FORWARD_PRESETS = {
+    "deny-user-data": ("user-data",),
+    "deny-tags": ("meta-data/tags",),
+}
+TREES = ("meta-data", "user-data", "dynamic")   # what a version holds; a bare pattern is under meta-data/
+
+
+def forward_pattern(key: str, value) -> str:
+    """An allow pattern, case-folded and relative to the version (`instance-id` -> `meta-data/instance-id`)."""
+    _expect(key, value, str, 'a path pattern like "placement/*"')
+    pattern = value.strip("/").casefold()
+    if not pattern or any(segment in ("", ".", "..") for segment in pattern.split("/")) or "%" in pattern:
+        raise ConfigError(f"{key}: {value!r} is not a metadata path pattern like \"placement/*\"")
+    if pattern.split("/", 1)[0] not in TREES:
+        pattern = "meta-data/" + pattern
+    return pattern
+
+
+def parse_forward(key: str, value) -> ForwardRule:
+    """`forward`: "all", a preset, an {"allow": [...]} object, or a list combining presets and allow objects."""
+    if value == "all":
+        return ForwardRule()
+    items = value if isinstance(value, list) else [value]
+    allow: Optional[List[str]] = None
+    deny: List[str] = []
+    for index, item in enumerate(items):
+        where = f"{key}[{index}]" if isinstance(value, list) else key
+        if isinstance(item, str) and item in FORWARD_PRESETS:
+            deny.extend(FORWARD_PRESETS[item])
+        elif isinstance(item, dict) and set(item) == {"allow"}:
+            patterns = _expect(f"{where}.allow", item["allow"], list, "a list of path patterns")
+            allow = (allow or []) + [forward_pattern(f"{where}.allow[{n}]", p) for n, p in enumerate(patterns)]
+        elif isinstance(item, dict):
+            name = sorted(set(item) - {"allow"} or ["allow"])[0]
+            raise ConfigError(f"{where}.{name}: " + ("required key is missing" if name == "allow" else
+                                                     "unknown key (expected allow)"))
+        elif item == "all":
+            raise ConfigError(f'{where}: "all" is written alone, not in a list')
+        else:
+            raise ConfigError(f"{where}: {json.dumps(item)[:60]} is not one of \"all\", "
+                              f"{', '.join(json.dumps(p) for p in FORWARD_PRESETS)} or {{\"allow\": [...]}}")
+    if not items:
+        raise ConfigError(f'{key}: an empty list; write "all" to forward every path')
+    return ForwardRule(tuple(allow) if allow is not None else None, tuple(deny))
 
 
 def parse_docker_host(key: str, value) -> str:
@@ -420,6 +487,7 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "stsRate": ("sts_rate", lambda k, v: parse_positive(k, v, 0.1, "AssumeRole calls a second")),
     "stsBurst": ("sts_burst", lambda k, v: parse_positive(k, v, 1.0, "AssumeRole calls")),
     "sessionScope": ("session_scope", lambda k, v: parse_choice(k, v, SESSION_SCOPES)),
+    "forward": ("forward", parse_forward),
 }
 SESSION_SCOPES = ("container", "role")
 SHARED_SESSION_NAME = "ec2metaproxy"   # sessionScope "role" without a sessionName of its own
@@ -1099,6 +1167,8 @@ class RoleSpec:
     tags: Tuple[Tuple[str, str], ...] = ()
     source_identity: Optional[str] = None
     duration: int = STS_DEFAULT_DURATION
+    # How the container must ask (its alias's requireTokens), not what STS is asked: not in the cache key.
+    require_tokens: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def role_name(self) -> str:
@@ -1178,6 +1248,8 @@ class RoleResolver:
         self._arn_aliases = {options.arn: name for name, options in config.alias_to_arn.items()}
         self._partition = next(iter(config.alias_to_arn.values())).arn.split(":")[1]
         self._allowed = config.allowed_roles or tuple(self._arn_aliases)
+        # Whether any alias has requireTokens: when none has, a tokenless read needs no role decision.
+        self.tokens_required = any(options.require_tokens for options in config.alias_to_arn.values())
 
     def role_for(self, container: Container) -> Optional[RoleSpec]:
         """The container's role, or None when it gets no credentials (logged once per container)."""
@@ -1279,6 +1351,7 @@ class RoleResolver:
             tags=rendered_tags,
             source_identity=source_identity,
             duration=options.session_duration or config.session_duration,
+            require_tokens=options.require_tokens,
         )
 
     def _env_role(self, value: str) -> Tuple[Optional[AliasOptions], str]:
@@ -2091,6 +2164,59 @@ def canonical(path: str) -> bool:
     return "%" not in path and ";" not in path
 
 
+def forward_keys(path: str) -> List[Tuple[str, str]]:
+    """Every reading of a path (path_readings) as (version, the rest), as the forward rule matches it."""
+    keys = []
+    for reading in path_readings(path):
+        segments = resolve_dots(segment.strip() for segment in reading.split("/"))
+        keys.append((segments[0] if segments else "", "/".join(segments[1:])))
+    return keys
+
+
+def leads_to(rest: str, pattern: str) -> bool:
+    """Whether rest is a directory on the way to what pattern names (it lists a path pattern allows)."""
+    segments = pattern.split("/")
+    depth = rest.count("/") + 1 if rest else 0
+    return depth < len(segments) and (depth == 0 or fnmatch.fnmatchcase(rest, "/".join(segments[:depth])))
+
+
+def forward_allows(rule: ForwardRule, version: str, rest: str) -> bool:
+    """Whether the forward rule lets a container read one reading of a path.
+
+    The root (the list of versions) is always allowed; an allow-list needs a real version,
+    and allows the directories leading to what it names, so that a client can walk to them.
+    """
+    for pattern in rule.deny:
+        if fnmatch.fnmatchcase(rest, pattern) or fnmatch.fnmatchcase(rest, pattern + "/*"):
+            return False
+    if rule.allow is None or not version:
+        return True
+    if not VALID_VERSION.match(version):
+        return False
+    return any(fnmatch.fnmatchcase(rest, pattern) or leads_to(rest, pattern) for pattern in rule.allow)
+
+
+def forwardable(rule: ForwardRule, path: str) -> bool:
+    """Whether every reading of a (canonical) path is allowed: no spelling gets around the rule."""
+    return all(forward_allows(rule, version, rest) for version, rest in forward_keys(path))
+
+
+def listing_shown(rule: ForwardRule, path: str, body: bytes) -> bytes:
+    """A directory listing with the children the rule refuses left out; any other answer unchanged.
+
+    An answer is taken as a listing when its path ends in `/`, is a version, or leads to a pattern.
+    """
+    version, rest = forward_keys(path)[0]
+    patterns = (rule.allow or ()) + rule.deny
+    if not version or not (path.endswith("/") or not rest or any(leads_to(rest, p) for p in patterns)):
+        return body
+    lines = body.decode("utf-8", "replace").split("\n")
+    prefix = rest + "/" if rest else ""
+    kept = [line for line in lines
+            if line and forward_allows(rule, version, prefix + line.strip().rstrip("/").casefold())]
+    return "\n".join(kept).encode()
+
+
 @dataclasses.dataclass
 class Answer:
     """One response: status, body and extra headers."""
@@ -2181,7 +2307,9 @@ class MetadataUpstream:
                 length = response.getheader("Content-Length")
                 if length is not None and DECIMAL.match(length) and int(length) > self.MAX_BODY:
                     raise HttpError(502, "answer too large")
-                body = response.read(self.MAX_BODY + 1) if method != "HEAD" else b""
+                # Read even for HEAD (http.client gives b""): an unread answer leaves the kept-alive
+                # connection unusable, and the next request on it would fail.
+                body = response.read(self.MAX_BODY + 1)
                 if len(body) > self.MAX_BODY:
                     raise HttpError(502, "answer too large")
             except HttpError:
@@ -2266,6 +2394,77 @@ class MetadataUpstream:
         return True
 
 
+# Paths whose answer does not change while the instance runs; anything else (spot and
+# rebalance notices, events, credentials, ...) is always asked.
+STATIC_PATHS = re.compile(
+    r"^/(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}|1\.0)/(meta-data/(ami-id|instance-id|instance-type|local-hostname|"
+    r"local-ipv4|mac|placement/(availability-zone|availability-zone-id|region|group-name|host-id|"
+    r"partition-number))|dynamic/instance-identity/document)$")
+STATIC_TTL = 60.0   # seconds an answer to a static path is kept
+FLIGHT_WAIT = 10.0  # seconds a request waits for another's upstream call (which has its own timeouts)
+
+
+class _Flight:
+    """One upstream call for a static path, and its outcome for everyone who waited on it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer: Optional[Tuple[int, Optional[str], bytes]] = None
+        self.error: Optional[HttpError] = None
+
+
+class StaticCache:
+    """Keeps 200 answers to the static paths STATIC_TTL seconds; one upstream call per path at a time.
+
+    The host's service allows an instance about 1,024 packets a second: containers polling
+    their instance id must not spend them for the whole host. Wraps MetadataUpstream's fetch.
+    """
+
+    def __init__(self, upstream, ttl: float = STATIC_TTL, clock: Callable[[], float] = time.monotonic):
+        self._upstream = upstream
+        self._ttl = ttl
+        self._clock = clock
+        self._answers: Dict[str, Tuple[float, Tuple[int, Optional[str], bytes]]] = {}
+        self._flights: Dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
+        if method != "GET" or not STATIC_PATHS.match(path):
+            return self._upstream.fetch(method, path)
+        with self._lock:
+            kept = self._answers.get(path)
+            if kept is not None and self._clock() < kept[0]:
+                return kept[1]
+            flight = self._flights.get(path)
+            leading = flight is None
+            if leading:
+                flight = self._flights[path] = _Flight()
+        if not leading:
+            return self._follow(flight)
+        try:
+            flight.answer = self._upstream.fetch(method, path)
+            return flight.answer
+        except HttpError as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[path]
+                if flight.answer is not None and flight.answer[0] == 200:
+                    self._answers[path] = (self._clock() + self._ttl, flight.answer)
+            flight.done.set()
+
+    @staticmethod
+    def _follow(flight: _Flight) -> Tuple[int, Optional[str], bytes]:
+        """The outcome of the call another request is making for the same path."""
+        if not flight.done.wait(FLIGHT_WAIT):
+            raise HttpError(504, "timed out waiting for the metadata service")
+        if flight.answer is not None:
+            return flight.answer
+        error = flight.error
+        raise HttpError(error.status if error else 502, str(error) if error else "the metadata service did not answer")
+
+
 class MockMetadata:
     """A built-in metadata tree for running outside EC2 (mock mode); credentials stay real."""
 
@@ -2325,7 +2524,8 @@ class MetadataService:
     def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
                  require_tokens: bool = False, watcher: Optional[DockerWatcher] = None,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 forward_rule: ForwardRule = ForwardRule()):
         self.index = index
         self.watcher = watcher
         self.roles = roles
@@ -2337,6 +2537,7 @@ class MetadataService:
         self.require_tokens = require_tokens
         self.clock = clock
         self.wall_clock = wall_clock
+        self.forward_rule = forward_rule
         self.routes = tuple((pattern, getattr(self, name)) for pattern, name in ROUTES)
 
     def caller(self, source: str, resync: bool) -> Optional[Container]:
@@ -2388,6 +2589,11 @@ class MetadataService:
             raise HttpError(401, "token not valid for this caller")
         return container
 
+    def demand_token(self, request: Request, spec: Optional[RoleSpec]) -> None:
+        """An alias with requireTokens: its containers' reads without a token are 401, like IMDSv2 only."""
+        if spec is not None and spec.require_tokens and TOKEN_HEADER not in request.headers:
+            raise HttpError(401, "no token (the container's alias requires one)")
+
     def token(self, request: Request, path: str, match, deadline: float) -> Answer:
         """PUT /latest/api/token: a token bound to the caller, like IMDS's."""
         if request.method != "PUT":
@@ -2413,6 +2619,7 @@ class MetadataService:
             request.container = container.name
         if spec is not None:
             request.role = spec.role_name
+        self.demand_token(request, spec)
         rest = (match.group(2) or "").strip("/")
         rest = rest.split("/") if rest else []
         trailing = path.endswith("/")
@@ -2456,11 +2663,20 @@ class MetadataService:
         container = self.authorize(request, resync=False)
         if container is not None:
             request.container = container.name
+            if self.roles.tokens_required and TOKEN_HEADER not in request.headers:
+                self.demand_token(request, self.roles.role_for(container))
         if names_credentials(path):
             raise HttpError(404, "a reading of the path names credentials")
         if not canonical(path):
             raise HttpError(400, "only a path in its one canonical form is forwarded", close=True)
+        rule = self.forward_rule
+        if not rule.everything and not forwardable(rule, path):
+            log.info("%s %s: %s refused by the forward policy", request.source, request.container,
+                     ascii(path)[1:-1][:200])
+            raise HttpError(404, "refused by the forward policy")
         status, location, body = self.upstream.fetch(request.method, path)
+        if status == 200 and not rule.everything:
+            body = listing_shown(rule, path, body)
         extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
         return Answer(status, body, extra)
 
@@ -3121,7 +3337,8 @@ class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time):
+                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 static_ttl: float = STATIC_TTL):
         self.config = config
         self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
@@ -3138,10 +3355,11 @@ class Proxy:
             self.upstream = MockUpstream(MockMetadata(config.sts_region or env_region or MOCK_REGION))
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
+        forwarded = self.upstream if config.mock or not static_ttl else StaticCache(self.upstream, static_ttl)
         self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(clock=clock),
-                                       self.upstream, wait_timeout=wait_timeout,
+                                       forwarded, wait_timeout=wait_timeout,
                                        require_tokens=config.require_tokens, watcher=self.watcher,
-                                       wall_clock=clock)
+                                       wall_clock=clock, forward_rule=config.forward)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits)
         except OSError as exc:

@@ -466,6 +466,13 @@ class ImdsStandIn:
                     "/latest/meta-data/iam/info": json.dumps({"InstanceProfileArn": HOST_MARKER}),
                     "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance": creds,
                     "/latest/user-data": "#!/bin/sh\necho hello",
+                    "/latest/": "dynamic\nmeta-data\nuser-data",
+                    "/latest/meta-data/": "ami-id\niam/\ninstance-id\nlocal-ipv4\nplacement/\ntags/",
+                    "/latest/meta-data/placement/": "availability-zone\nregion",
+                    "/latest/meta-data/placement/availability-zone": stand_in.region + "a",
+                    "/latest/meta-data/tags/instance/": "Name",
+                    "/latest/meta-data/tags/instance/Name": "host-name-tag",
+                    "/latest/meta-data/spot/instance-action": '{"action": "terminate"}',
                 }
                 lowered = {key.lower(): value for key, value in answers.items()}
                 if path in answers or path.lower() in lowered:
@@ -803,6 +810,46 @@ class TestConfig(unittest.TestCase):
             message = self.error(data)
             self.assertTrue(message.startswith(expected), f"{message!r} should start with {expected!r}")
             self.assertNotIn("\n", message)
+
+    def test_forward_forms(self):
+        forward = lambda value: emp.parse_config(base_config(forward=value)).forward
+        self.assertEqual(emp.parse_config(base_config()).forward, emp.ForwardRule())
+        self.assertEqual(forward("all"), emp.ForwardRule())
+        self.assertEqual(forward("deny-user-data"), emp.ForwardRule(None, ("user-data",)))
+        self.assertEqual(forward(["deny-user-data", "deny-tags"]), emp.ForwardRule(None, ("user-data", "meta-data/tags")))
+        self.assertEqual(forward({"allow": ["placement/*", "Instance-ID", "/user-data", "dynamic/instance-identity/*",
+                                            "meta-data/mac"]}),
+                         emp.ForwardRule(("meta-data/placement/*", "meta-data/instance-id", "user-data",
+                                          "dynamic/instance-identity/*", "meta-data/mac"), ()))
+        self.assertEqual(forward([{"allow": ["mac"]}, "deny-tags", {"allow": ["tags/*"]}]),
+                         emp.ForwardRule(("meta-data/mac", "meta-data/tags/*"), ("meta-data/tags",)))
+
+    def test_forward_and_alias_require_tokens_errors_name_the_key(self):
+        good = base_config()
+        cases = [
+            (dict(good, forward="none"), 'forward: "none" is not one of "all", "deny-user-data", "deny-tags" or'),
+            (dict(good, forward=["all", "deny-tags"]), 'forward[0]: "all" is written alone, not in a list'),
+            (dict(good, forward=[]), 'forward: an empty list; write "all"'),
+            (dict(good, forward={"allow": "instance-id"}), "forward.allow: expected a list of path patterns"),
+            (dict(good, forward={"alow": []}), "forward.alow: unknown key (expected allow)"),
+            (dict(good, forward=[{}]), "forward[0].allow: required key is missing"),
+            (dict(good, forward={"allow": ["placement/../iam"]}), "forward.allow[0]: 'placement/../iam' is not a"),
+            (dict(good, forward={"allow": ["%69nstance-id"]}), "forward.allow[0]: "),
+            (dict(good, forward={"allow": ["/"]}), "forward.allow[0]: '/' is not a metadata path pattern"),
+            (dict(good, forward=[{"allow": ["mac", 5]}]), "forward[0].allow[1]: expected a path pattern"),
+            (dict(good, forward=True), "forward: true is not one of"),
+            (dict(good, aliasToARN={"default": {"arn": arn("a"), "requireTokens": "yes"}}),
+             "aliasToARN.default.requireTokens: expected true or false"),
+            (dict(good, aliasToARN={"default": {"arn": arn("a"), "requireToken": True}}),
+             "aliasToARN.default.requireToken: unknown key (did you mean 'requireTokens'?)"),
+        ]
+        for data, expected in cases:
+            message = self.error(data)
+            self.assertTrue(message.startswith(expected), f"{message!r} should start with {expected!r}")
+            self.assertNotIn("\n", message)
+        options = emp.parse_config(dict(good, aliasToARN={"default": {"arn": arn("a"), "requireTokens": True},
+                                                          "web": arn("web")})).alias_to_arn
+        self.assertEqual((options["default"].require_tokens, options["web"].require_tokens), (True, False))
 
     def run_proxy(self, *args, timeout=20):
         return subprocess.run([sys.executable, PROXY, *args], capture_output=True, text=True, timeout=timeout)
@@ -1945,6 +1992,13 @@ class TestMetadataUpstream(unittest.TestCase):
         self.assertEqual([method for method, _, _ in self.imds.requests], ["PUT", "GET", "GET", "PUT", "GET"])
         self.assertEqual(upstream.fetch("GET", "/latest/meta-data")[:2], (301, "http://169.254.169.254/latest/meta-data/"))
 
+    def test_a_head_leaves_the_kept_alive_connection_usable(self):
+        upstream = emp.MetadataUpstream(self.imds.url)
+        self.assertEqual(upstream.fetch("HEAD", "/latest/meta-data/local-ipv4"), (200, None, b""))
+        self.assertEqual(upstream.fetch("GET", "/latest/meta-data/local-ipv4"), (200, None, b"10.0.0.10"))
+        self.assertEqual(upstream.fetch("HEAD", "/latest/meta-data/local-ipv4"), (200, None, b""))
+        self.assertEqual(self.imds.connections, 1)
+
     def test_an_unreachable_service_is_502(self):
         upstream = emp.MetadataUpstream(f"http://127.0.0.1:{free_port()}", connect_timeout=0.5)
         with self.assertRaises(emp.HttpError) as caught:
@@ -2438,6 +2492,211 @@ class TestRequireTokens(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
                                          headers={"X-aws-ec2-metadata-token": token})[2], "web-role")
+
+
+class TestForwardRule(unittest.TestCase):
+    """The forward key's matching: every reading of a path, versions, and what a listing shows."""
+
+    def rule(self, value):
+        return emp.parse_config(base_config(forward=value)).forward
+
+    def test_deny_presets_cover_every_spelling_and_version(self):
+        rule = self.rule(["deny-user-data", "deny-tags"])
+        for path in ("/latest/user-data", "/latest/user-data/", "/LATEST/USER-DATA", "/latest/User-Data ",
+                     "/2016-09-02/user-data", "/1.0/user-data", "/not-a-version/user-data",
+                     "/latest/user-data?x", "/latest/user-data#x", "/latest/user-data/anything",
+                     "/latest/meta-data/tags", "/latest/meta-data/tags/", "/latest/meta-data/tags/instance/Name",
+                     "/latest/meta-data/TAGS/instance/", "/2021-01-03/meta-data/tags/instance/Name"):
+            self.assertFalse(emp.forwardable(rule, path), path)
+        for path in ("/", "/latest", "/latest/", "/latest/meta-data/", "/latest/meta-data/instance-id",
+                     "/latest/meta-data/tagsets", "/latest/user-data-x", "/latest/dynamic/instance-identity/document"):
+            self.assertTrue(emp.forwardable(rule, path), path)
+
+    def test_an_allow_list_allows_what_it_names_and_the_way_to_it(self):
+        rule = self.rule({"allow": ["placement/*", "instance-id", "network/interfaces/macs/*/local-ipv4s"]})
+        for path in ("/latest/meta-data/instance-id", "/LATEST/Meta-Data/Instance-Id", "/2016-09-02/meta-data/instance-id",
+                     "/1.0/meta-data/instance-id", "/latest/meta-data/placement/region",
+                     "/latest/meta-data/placement/availability-zone", "/latest/meta-data/placement",
+                     "/latest/meta-data/placement/", "/latest/meta-data/", "/latest/meta-data", "/latest/", "/",
+                     "/latest/meta-data/network/interfaces/macs/", "/latest/meta-data/network/interfaces/macs/02:aa/",
+                     "/latest/meta-data/network/interfaces/macs/02:aa/local-ipv4s"):
+            self.assertTrue(emp.forwardable(rule, path), path)
+        for path in ("/latest/meta-data/ami-id", "/latest/user-data", "/latest/dynamic/instance-identity/document",
+                     "/latest/dynamic/", "/latest/meta-data/instance-id/x", "/latest/meta-data/instance-idx",
+                     "/latest/meta-data/network/interfaces/macs/02:aa/subnet-id", "/latest/meta-data/tags/instance/",
+                     "/bogus/meta-data/instance-id", "/latest/meta-data/instance-id?x"):
+            self.assertFalse(emp.forwardable(rule, path), path)
+
+    def test_listings_show_only_what_may_be_read(self):
+        rule = self.rule(["deny-user-data", {"allow": ["instance-id", "placement/region", "user-data"]}])
+        listing = b"ami-id\niam/\ninstance-id\nplacement/\ntags/"
+        self.assertEqual(emp.listing_shown(rule, "/latest/meta-data/", listing), b"instance-id\nplacement/")
+        self.assertEqual(emp.listing_shown(rule, "/latest/meta-data", listing), b"instance-id\nplacement/")
+        self.assertEqual(emp.listing_shown(rule, "/latest/meta-data/placement/", b"availability-zone\nregion\n"),
+                         b"region")
+        self.assertEqual(emp.listing_shown(rule, "/latest/", b"dynamic\nmeta-data\nuser-data"), b"meta-data")
+        self.assertEqual(emp.listing_shown(rule, "/", b"1.0\nlatest"), b"1.0\nlatest")
+        self.assertEqual(emp.listing_shown(rule, "/latest/meta-data/instance-id", b"i-0a\nb"), b"i-0a\nb")
+
+
+class TestForwardPolicy(ProxyTestCase):
+    """forward through the proxy: a refused path is a 404 like a missing one, logged, never asked upstream."""
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+
+    def forwarded(self):
+        return [path for path in self.imds.paths() if path not in PROBE_PATHS]
+
+    def test_deny_user_data_and_tags(self):
+        self.fx.config = emp.parse_config(dict(self.fx.config_data, forward=["deny-user-data", "deny-tags"]))
+        self.start()
+        self.assertEqual(self.fx.request("/latest/meta-data/nothing-here", "127.0.0.2")[0], 404)
+        with LogCapture() as logs:
+            for path in ("/latest/user-data", "/latest/USER-DATA", "/latest/user-data/", "/latest/%75ser-data",
+                         "/latest/meta-data/../user-data", "/latest//user-data", "/2016-09-02/user-data",
+                         "/latest/meta-data/tags/instance/Name", "/latest/meta-data/tags/instance/"):
+                status, _, body = self.fx.request(path, "127.0.0.2")
+                self.assertEqual((status, body), (404, "404 - Not Found"), path)
+        self.assertIn("127.0.0.2 web-1: /latest/user-data refused by the forward policy", logs.text)
+        self.assertIn("/latest/meta-data/tags/instance/Name refused by the forward policy", logs.text)
+        self.assertEqual(self.forwarded(), ["/latest/meta-data/nothing-here"])
+        self.assertEqual(self.fx.request("/latest/", "127.0.0.2")[2], "dynamic\nmeta-data")
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.99")[2], "i-0host0000000000")
+        self.assertNotIn("user-data", self.fx.request("/latest/", "127.0.0.99")[2])
+
+    def test_an_allow_list(self):
+        self.fx.config = emp.parse_config(dict(self.fx.config_data,
+                                               forward={"allow": ["placement/*", "instance-id", "local-ipv4"]}))
+        self.start()
+        for path, expected in (("/latest/meta-data/instance-id", "i-0host0000000000"),
+                               ("/latest/meta-data/local-ipv4", "10.0.0.10"),
+                               ("/latest/meta-data/placement/region", "ap-southeast-2"),
+                               ("/latest/meta-data/placement/", "availability-zone\nregion"),
+                               ("/latest/meta-data/", "instance-id\nlocal-ipv4\nplacement/"),
+                               ("/latest/", "meta-data")):
+            self.assertEqual(self.fx.request(path, "127.0.0.2")[::2], (200, expected), path)
+        for path in ("/latest/user-data", "/latest/meta-data/ami-id", "/latest/meta-data/tags/instance/Name",
+                     "/latest/meta-data/spot/instance-action", "/latest/dynamic/instance-identity/document",
+                     "/nonsense/meta-data/instance-id"):
+            self.assertEqual(self.fx.request(path, "127.0.0.2")[::2], (404, "404 - Not Found"), path)
+        refused = {"/latest/user-data", "/latest/meta-data/ami-id", "/latest/meta-data/tags/instance/Name",
+                   "/latest/meta-data/spot/instance-action", "/latest/dynamic/instance-identity/document",
+                   "/nonsense/meta-data/instance-id"}
+        self.assertFalse(refused.intersection(self.forwarded()))
+        # The container's own credentials are not metadata from the host: the rule does not touch them.
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
+
+
+class TestAliasRequireTokens(ProxyTestCase):
+    """requireTokens on one alias: its containers must use IMDSv2; the other aliases still answer IMDSv1."""
+
+    config = {"aliasToARN": {"default": arn("default-role"), "web": {"arn": arn("web-role"), "requireTokens": True},
+                             "db": arn("db-role")}}
+
+    def test_only_the_aliases_containers_need_a_token(self):
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.docker.add_container("plain-1", ["127.0.0.3"], emit=False)
+        self.start()
+        self.docker.add_container("web-2", ["127.0.0.4"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        for source in ("127.0.0.2", "127.0.0.4"):   # known at start, and new (its first request finds it)
+            for path in ("/latest/meta-data/iam/security-credentials/web-role", "/latest/meta-data/iam/security-credentials/",
+                         "/latest/meta-data/iam/info", "/latest/meta-data/iam/security-credentials",
+                         "/2016-09-02/meta-data/iam/security-credentials/web-role", "/latest/meta-data/instance-id"):
+                self.assertEqual(self.fx.request(path, source)[0], 401, (source, path))
+            status, _, token = self.fx.request("/latest/api/token", source, method="PUT",
+                                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+            self.assertEqual(status, 200)
+            with_token = {"X-aws-ec2-metadata-token": token}
+            self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", source,
+                                             headers=with_token)[::2], (200, "web-role"))
+            self.assertEqual(self.fx.request("/latest/meta-data/instance-id", source, headers=with_token)[0], 200)
+        self.assertEqual(self.fx.credentials("127.0.0.3", "default-role")[0], 200)
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.3")[0], 200)
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.99")[0], 200)
+
+
+class GatedImds(ImdsStandIn):
+    """An IMDS stand-in that holds every answer until released (to line up a burst of requests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def log_request(self, source, method, path):
+        if method == "GET":
+            self.gate.wait(10)
+
+
+class TestStaticCache(unittest.TestCase):
+    """Static paths are asked upstream once a minute at most, dynamic ones every time (IMDS stand-in, manual clock)."""
+
+    def setUp(self):
+        self.imds = ImdsStandIn().start()
+        self.addCleanup(self.imds.stop)
+        self.clock = ManualClock()
+        self.cache = emp.StaticCache(emp.MetadataUpstream(self.imds.url), clock=self.clock)
+
+    def asked(self, path, imds=None):
+        return (imds or self.imds).paths().count(path)
+
+    def test_a_static_answer_is_kept_a_minute(self):
+        path = "/latest/meta-data/instance-id"
+        for _ in range(5):
+            self.assertEqual(self.cache.fetch("GET", path), (200, None, b"i-0host0000000000"))
+        self.assertEqual(self.asked(path), 1)
+        self.clock.advance(59.9)
+        self.cache.fetch("GET", path)
+        self.assertEqual(self.asked(path), 1)
+        self.clock.advance(0.2)
+        self.assertEqual(self.cache.fetch("GET", path), (200, None, b"i-0host0000000000"))
+        self.assertEqual(self.asked(path), 2)
+        for other in ("/latest/meta-data/placement/region", "/latest/meta-data/local-ipv4",
+                      "/latest/meta-data/placement/availability-zone"):
+            self.cache.fetch("GET", other)
+            self.cache.fetch("GET", other)
+            self.assertEqual(self.asked(other), 1, other)
+
+    def test_dynamic_paths_other_methods_and_failures_are_asked_every_time(self):
+        for path in ("/latest/meta-data/spot/instance-action", "/latest/user-data", "/latest/meta-data/",
+                     "/latest/meta-data/instance-id/", "/latest/meta-data/Instance-Id",
+                     "/latest/meta-data/ami-id"):   # the last one is static, but answers 404 here
+            for _ in range(3):
+                self.cache.fetch("GET", path)
+            self.assertEqual(self.asked(path), 3, path)
+        for _ in range(2):
+            self.cache.fetch("HEAD", "/latest/meta-data/local-ipv4")
+        self.assertEqual(self.asked("/latest/meta-data/local-ipv4"), 2)
+
+    def test_a_burst_makes_one_upstream_call(self):
+        gated = GatedImds().start()
+        self.addCleanup(gated.stop)
+        self.addCleanup(gated.gate.set)
+        cache = emp.StaticCache(emp.MetadataUpstream(gated.url, read_timeout=10), clock=self.clock)
+        path = "/latest/meta-data/instance-id"
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(cache.fetch("GET", path))) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        # Every request is in before the first answer: a second upstream call would show here.
+        wait_until(lambda: self.asked(path, gated) > 1, timeout=0.5)
+        gated.gate.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(answers, [(200, None, b"i-0host0000000000")] * 20)
+        self.assertEqual(self.asked(path, gated), 1)
+
+    def test_through_the_proxy(self):
+        fx = ProxyFixture()
+        self.addCleanup(fx.stop)
+        fx.start()
+        path = "/latest/meta-data/local-ipv4"   # not the start-up probe's path: only requests ask for it
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            self.assertEqual(fx.request(path, source)[::2], (200, "10.0.0.10"))
+            self.assertEqual(fx.request("/latest/meta-data/spot/instance-action", source)[0], 200)
+        self.assertEqual(fx.imds.paths().count(path), 1)
+        self.assertEqual(fx.imds.paths().count("/latest/meta-data/spot/instance-action"), 3)
 
 
 #####################################################################

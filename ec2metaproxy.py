@@ -520,8 +520,12 @@ def parse_config(data) -> Config:
             values[field] = parser(key, raw)
     if values.get("session_scope") == "role":
         values.setdefault("session_name", SHARED_SESSION_NAME)
-        for key, field in (("sessionName", "session_name"), ("sourceIdentity", "source_identity")):
-            named = CONTAINER_PLACEHOLDERS.search(values.get(field) or "")
+        templates = [("sessionName", values.get("session_name")), ("sourceIdentity", values.get("source_identity"))]
+        templates += [(f"sessionTags.{tag}", value) for tag, value in values.get("session_tags", ())]
+        templates += [(f"aliasToARN.{alias}.sessionTags.{tag}", value)
+                      for alias, options in values["alias_to_arn"].items() for tag, value in options.session_tags]
+        for key, template in templates:
+            named = CONTAINER_PLACEHOLDERS.search(template or "")
             if named:
                 raise ConfigError(f"{key}: {named.group(0)} names the container, but with sessionScope "
                                   f"'role' containers share one session")
@@ -628,10 +632,33 @@ class DockerClient:
         # idle for as long as nothing happens.
         conn, response = self._get(f"/events?filters={filters}", self.timeout)
         conn.sock.settimeout(None)
-        return self._iter_events(conn, response)
+        return EventStream(conn, response)
+
+
+class EventStream:
+    """Docker's event stream: decoded events until the daemon closes it; close() ends it from
+    another thread (the proxy stopping), since the stream is read with no time-out."""
+
+    def __init__(self, conn, response):
+        self._conn = conn
+        self._events = self._read(conn, response)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._events)
+
+    def close(self) -> None:
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)   # a reader in another thread sees the end
+        with contextlib.suppress(ValueError):   # ValueError: that reader is inside it right now
+            self._events.close()
 
     @staticmethod
-    def _iter_events(conn, response):
+    def _read(conn, response):
         try:
             while True:
                 try:
@@ -927,6 +954,7 @@ class DockerWatcher:
         self._with_env = with_env
         self._on_change = on_change
         self._on_create = on_create
+        self._stream: Optional[EventStream] = None   # the subscription, for stop() to end
         self._clock = clock
         self._budget = TokenBucket(self.LISTING_RATE, self.LISTING_BURST, clock)
         self._lock = threading.Lock()
@@ -1117,7 +1145,9 @@ class DockerWatcher:
         backoff = Backoff(self._stop, cap=self.RESUBSCRIBE_CAP)
         while not self._stop.is_set():
             try:
-                stream = self._docker.events()
+                stream = self._stream = self._docker.events()
+                if self._stop.is_set():
+                    stream.close()   # stop() came while subscribing
                 # Subscribed: a listing now misses nothing that happened while we were away.
                 self._following_from = self.ask(Why.EVENT)
                 backoff.reset()
@@ -1143,6 +1173,8 @@ class DockerWatcher:
         self._stop.set()
         with self._lock:
             self._changed.notify_all()
+        if self._stream is not None:
+            self._stream.close()   # the event thread is blocked reading it
 
 
 #####################################################################

@@ -804,6 +804,9 @@ class TestConfig(unittest.TestCase):
              "sessionName: {name} names the container, but with sessionScope 'role' containers share one session"),
             (dict(good, sessionScope="role", sessionName="{id}"), "sessionName: {id} names the container"),
             (dict(good, sessionScope="role", sourceIdentity="{env:USER}"), "sourceIdentity: {env:USER} names"),
+            (dict(good, sessionScope="role", sessionTags={"who": "{name}"}), "sessionTags.who: {name} names"),
+            (dict(good, sessionScope="role", aliasToARN={"default": {"arn": arn("d"), "sessionTags": {"c": "{id}"}}}),
+             "aliasToARN.default.sessionTags.c: {id} names"),
             ([], "the top level must be a JSON object"),
         ]
         for data, expected in cases:
@@ -1078,6 +1081,16 @@ class TestDockerWatcher(DockerTestCase):
         self.assertIn(first, self.removed)
         second = self.docker.add_container("second", ["172.17.0.3"])
         self.assertTrue(wait_until(lambda: getattr(self.index.lookup("172.17.0.3"), "id", None) == second))
+
+    def test_stop_ends_the_event_thread_blocked_on_a_quiet_stream(self):
+        before = set(threading.enumerate())
+        self.watcher.start()
+        self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))
+        events_thread = [t for t in set(threading.enumerate()) - before if t.name == "docker-events"]
+        self.assertEqual(len(events_thread), 1)
+        self.watcher.stop()
+        events_thread[0].join(5)
+        self.assertFalse(events_thread[0].is_alive())
 
     def test_a_die_event_alone_drops_the_address(self):
         cid = self.docker.add_container("dies", ["172.17.0.31"], emit=False)

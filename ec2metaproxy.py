@@ -794,9 +794,6 @@ class ContainerIndex:
         """Whether Docker reported ip (a conflict counts: the address is Docker's)."""
         return ip in self._by_ip
 
-    def get(self, container_id: str) -> Optional[Container]:
-        return self._by_id.get(container_id)
-
     def __len__(self) -> int:
         return len(self._by_id)
 
@@ -1886,6 +1883,8 @@ class CredentialCache:
     def _entry_locked(self, key, container_id: str, label: str) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
+            if self._shared:   # its first container may go long before the session does
+                label = f"the shared {key[1].role_name} session {key[1].session_name}"
             entry = self._entries[key] = _Entry(label, orphan=container_id in self._gone)
         self._use_locked(key, entry, container_id)
         return entry
@@ -2553,12 +2552,11 @@ TOKEN_PATH = "latest/api/token"
 class MetadataService:
     """Answers one IMDS request from one source address: tokens, credentials, forwarding, refusals."""
 
-    def __init__(self, index: ContainerIndex, roles: RoleResolver, credentials: CredentialCache,
+    def __init__(self, watcher: DockerWatcher, roles: RoleResolver, credentials: CredentialCache,
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
-                 require_tokens: bool = False, watcher: Optional[DockerWatcher] = None,
+                 require_tokens: bool = False,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  forward_rule: ForwardRule = ForwardRule()):
-        self.index = index
         self.watcher = watcher
         self.roles = roles
         self.credentials = credentials
@@ -2579,8 +2577,6 @@ class MetadataService:
         at most resync_timeout for it; a stale answer is still used (known containers are
         served while Docker is away), and said so in the debug log.
         """
-        if self.watcher is None:
-            return self.index.lookup(source) or self.index.static(source)
         found = self.watcher.find(source, resync, self.resync_timeout)
         if resync and not found.fresh:
             log.debug("%s: Docker did not answer in time; using what it said last", source)
@@ -3388,9 +3384,9 @@ class Proxy:
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         forwarded = self.upstream if config.mock or not static_ttl else StaticCache(self.upstream, static_ttl)
-        self.service = MetadataService(self.index, self.roles, self.credentials, TokenIssuer(clock=clock),
+        self.service = MetadataService(self.watcher, self.roles, self.credentials, TokenIssuer(clock=clock),
                                        forwarded, wait_timeout=wait_timeout,
-                                       require_tokens=config.require_tokens, watcher=self.watcher,
+                                       require_tokens=config.require_tokens,
                                        wall_clock=clock, forward_rule=config.forward)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits)

@@ -65,6 +65,19 @@ def iso_time(text: str) -> float:
     return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
 
 
+class FakeClock:
+    """A clock that moves only when told: a wall clock for credentials by default, or any start."""
+
+    def __init__(self, now=None):
+        self.now = time.time() if now is None else now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -950,24 +963,11 @@ class TestContainer(unittest.TestCase):
         self.assertEqual(found.ips, ())
 
 
-class ManualClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
 class TestContainerIndex(unittest.TestCase):
     """The maps alone: listings installed, removals, tombstones and staticMappings; no Docker."""
 
     def setUp(self):
-        self.clock = ManualClock()
+        self.clock = FakeClock(1000.0)
         self.index = emp.ContainerIndex(clock=self.clock)
 
     def container(self, cid, **networks):
@@ -1134,7 +1134,7 @@ class TestDockerWatcher(DockerTestCase):
         self.assertEqual(sum(1 for r in results if r is not None), 1)
 
     def test_callers_that_stay_unknown_get_listings_from_one_fixed_budget(self):
-        clock = ManualClock()
+        clock = FakeClock(1000.0)
         watcher = self.make_watcher(emp.ContainerIndex(clock=clock), clock=clock)
         self.addCleanup(watcher.stop)
         watcher.start()
@@ -1426,16 +1426,6 @@ class TestMigrationOptions(unittest.TestCase):
 
 #####################################################################
 # Credentials #######################################################
-
-class FakeClock:
-    """A settable wall clock for the credential cache."""
-
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
-
 
 class TestStsClient(unittest.TestCase):
 
@@ -2648,7 +2638,7 @@ class TestStaticCache(unittest.TestCase):
     def setUp(self):
         self.imds = ImdsStandIn().start()
         self.addCleanup(self.imds.stop)
-        self.clock = ManualClock()
+        self.clock = FakeClock(1000.0)
         self.cache = emp.StaticCache(emp.MetadataUpstream(self.imds.url), clock=self.clock)
 
     def asked(self, path, imds=None):

@@ -220,10 +220,10 @@ class DockerStandIn:
                 self.wfile.write(body)
 
             def events(self):
-                stand_in.calls["events"] += 1
                 subscriber = queue.Queue()
                 with stand_in.lock:
                     stand_in._subscribers.append(subscriber)
+                    stand_in.calls["events"] += 1   # counted once subscribed: events emitted now arrive
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -2440,6 +2440,7 @@ class TestCreateEventPrefetch(ProxyTestCase):
 
     def test_the_first_request_after_start_finds_credentials_fetched_at_create(self):
         self.start()
+        self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))   # subscribed
         cid = secrets.token_hex(32)
         self.docker.emit({"Type": "container", "Action": "create", "id": cid, "status": "create",
                           "Actor": {"ID": cid, "Attributes": {"name": "web-9", "image": "busybox",

@@ -3431,6 +3431,7 @@ class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     def __init__(self, path: str, admin: AdminService):
         self.admin = admin
         self.path = path
+        self._bound = False   # the socket file is ours to remove only once bound
         super().__init__(path, AdminRequestHandler)
 
     def server_bind(self):
@@ -3443,6 +3444,7 @@ class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             super().server_bind()
         finally:
             os.umask(umask)
+        self._bound = True
         os.chmod(self.path, 0o600)
 
     def get_request(self):
@@ -3451,8 +3453,10 @@ class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
     def server_close(self):
         super().server_close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._bound:
+            self._bound = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def admin_server(listen, admin: AdminService):

@@ -1920,10 +1920,13 @@ class CredentialCache:
                     "fetched": sum(1 for entry in self._entries.values() if entry.creds is not None),
                     "scheduled": len(self._due), "gone": len(self._gone)}
 
-    def peek(self, container_id: str, spec: RoleSpec) -> Optional[Credentials]:
-        """The credentials held for a container's role, if any; changes nothing (for /containers)."""
+    def peek(self, container_id: str, spec: RoleSpec) -> Tuple[Optional[Credentials], Optional[str]]:
+        """The credentials held for a container's role and the last fetch's error code, if any;
+        changes nothing (for /containers)."""
         entry = self._entries.get(self._key(container_id, spec))
-        return entry.creds if entry is not None else None
+        if entry is None:
+            return None, None
+        return entry.creds, entry.error.code if entry.error is not None else None
 
     def expiring_within(self, seconds: float) -> int:
         """How many held credentials expire within `seconds` (for /readyz: the floor must hold)."""
@@ -3367,11 +3370,12 @@ class AdminService:
         return 200, PROMETHEUS_TEXT, self.metrics.render().encode()
 
     def containers(self) -> Tuple[int, str, bytes]:
-        """The index and each container's decision; an AccessKeyId at most, never a secret or token."""
+        """The index and each container's decision and credentials (STS's error code if it refused):
+        an AccessKeyId at most, never a secret or token."""
         listing = []
         for container in sorted(self.index.containers(), key=lambda c: c.name):
             alias, spec, reason = self.roles.decision(container)
-            creds = self.credentials.peek(container.id, spec) if spec is not None else None
+            creds, sts_error = self.credentials.peek(container.id, spec) if spec is not None else (None, None)
             listing.append({
                 "id": container.id, "name": container.name, "image": container.image,
                 "addresses": list(container.ips), "networks": sorted(container.networks),
@@ -3380,6 +3384,7 @@ class AdminService:
                 "refused": None if spec else (reason or "no alias: no label and no defaultAlias"),
                 "access_key_id": creds.access_key_id if creds else None,
                 "expiration": iso8601(creds.expiration) if creds else None,
+                "sts_error": sts_error,
             })
         return self._json(200, {"count": len(listing), "containers": listing})
 

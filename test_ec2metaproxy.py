@@ -3414,6 +3414,9 @@ class TestAdminListener(ProxyTestCase):
         self.assertIsNone(ready["sts"]["aliases"]["web"]["last_success"])
         self.assertEqual(self.scrape()("ec2metaproxy_sts_calls_total", alias="web", outcome="AccessDenied"),
                          STS.assume_calls())
+        web = [entry for entry in json.loads(admin_get(self.fx.proxy, "/containers")[2])["containers"]
+               if entry["name"] == "web-1"][0]
+        self.assertEqual((web["sts_error"], web["access_key_id"]), ("AccessDenied", None))
         STS.deny = set()
         self.docker.add_container("web-2", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "web"})
         self.assertTrue(wait_until(lambda: self.fx.proxy.index.lookup("127.0.0.5") is not None))
@@ -3477,8 +3480,10 @@ class TestAdminListener(ProxyTestCase):
         self.assertIsNone(by_name["typo-1"]["role_arn"])
         self.assertIsNone(by_name["typo-1"]["access_key_id"])
         self.assertIn("'nope', which is not in aliasToARN", by_name["typo-1"]["refused"])
+        self.assertIsNone(by_name["web-1"]["sts_error"])
         self.assertEqual(set(by_name["web-1"]), {"id", "name", "image", "addresses", "networks", "alias", "role_arn",
-                                                 "session_name", "refused", "access_key_id", "expiration"})
+                                                 "session_name", "refused", "access_key_id", "expiration",
+                                                 "sts_error"})
 
     def test_connections_refused_by_the_caps_are_counted(self):
         fx = ProxyFixture(limits=emp.Limits(max_per_source=1), adminListen="127.0.0.1:0")

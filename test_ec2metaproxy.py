@@ -3792,6 +3792,40 @@ class TestMain(ProcessTestCase):
         self.assertEqual(logs().strip(), f"ec2metaproxy: dockerHost: {not_a_socket.name} exists but is not a unix socket")
 
 
+class TestMainAdminListener(ProcessTestCase):
+    """adminListen in the running program: served from start-up, its socket gone after SIGTERM."""
+
+    def test_unix_socket_serves_and_is_removed_on_sigterm(self):
+        tmp = tempfile.mkdtemp(prefix="emp-admin-main-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "admin.sock")
+        process, logs = self.run_proxy(base_config(
+            listen=f"127.0.0.1:{free_port()}", adminListen="unix://" + path,
+            dockerHost="unix:///nonexistent/docker.sock", metadataURL=f"http://127.0.0.1:{free_port()}"))
+        self.assertTrue(wait_until(lambda: "admin listener on unix://" + path in logs(), timeout=15), logs())
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        ready = json.loads(response.read())
+        conn.close()
+        self.assertEqual(response.status, 503)   # no Docker, no metadata service
+        self.assertIn("docker", ready["failing"])
+        self.assertIn("metadata", ready["failing"])
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_admin_port_in_use_is_a_one_line_error(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            process, logs = self.run_proxy(base_config(adminListen=f"127.0.0.1:{busy.getsockname()[1]}"))
+            self.assertEqual(process.wait(20), 1)
+        self.assertRegex(logs().strip(),
+                         r"^ec2metaproxy: adminListen: cannot listen on 127\.0\.0\.1:\d+: Address already in use$")
+
+
 #####################################################################
 # End to end ########################################################
 # The proxy behind setup-firewall.sh, with a real dockerd and iptables, inside network

@@ -1928,6 +1928,11 @@ class CredentialCache:
             return None, None
         return entry.creds, entry.error.code if entry.error is not None else None
 
+    def failing(self) -> Dict[str, str]:
+        """Role ARN -> STS's error code, for each held key whose last fetch failed (for /readyz)."""
+        with self._lock:
+            return {key[1].arn: entry.error.code for key, entry in self._entries.items() if entry.error is not None}
+
     def expiring_within(self, seconds: float) -> int:
         """How many held credentials expire within `seconds` (for /readyz: the floor must hold)."""
         horizon = self._clock() + seconds
@@ -3347,9 +3352,9 @@ class AdminService:
                 "last_success": iso8601(outcome["success"]) if "success" in outcome else None,
                 "last_failure": iso8601(outcome["failure"]) if "failure" in outcome else None,
                 "last_error": outcome.get("error")}
-        sts_ok = all(outcome.get("success", -math.inf) >= outcome.get("failure", -math.inf)
-                     for outcome in last.values())
-        sts = {"ok": sts_ok, "aliases": aliases}
+        # Failing while a container's credentials cannot be fetched; not for one that has gone.
+        failing = {self.metrics.alias_of(arn): code for arn, code in sorted(self.credentials.failing().items())}
+        sts = {"ok": not failing, "failing_aliases": failing, "aliases": aliases}
         if self.mock:
             metadata = {"ok": True, "mock": True, "reachable": None}
         else:

@@ -3411,25 +3411,33 @@ class TestAdminListener(ProxyTestCase):
         self.assertEqual(status, 503)
         self.assertEqual((ready["ready"], ready["failing"]), (False, ["sts"]))
         self.assertEqual(ready["sts"]["aliases"]["web"]["last_error"], "AccessDenied")
+        self.assertEqual(ready["sts"]["failing_aliases"], {"web": "AccessDenied"})
         self.assertIsNone(ready["sts"]["aliases"]["web"]["last_success"])
         self.assertEqual(self.scrape()("ec2metaproxy_sts_calls_total", alias="web", outcome="AccessDenied"),
                          STS.assume_calls())
         web = [entry for entry in json.loads(admin_get(self.fx.proxy, "/containers")[2])["containers"]
                if entry["name"] == "web-1"][0]
         self.assertEqual((web["sts_error"], web["access_key_id"]), ("AccessDenied", None))
-        STS.deny = set()
-        self.docker.add_container("web-2", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "web"})
+        web_1 = web["id"]
+        # STS keeps refusing web-role; db-1 succeeds meanwhile: web-1's failure still counts.
+        self.docker.add_container("db-1", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "db"})
         self.assertTrue(wait_until(lambda: self.fx.proxy.index.lookup("127.0.0.5") is not None))
-        self.assertEqual(self.fx.credentials("127.0.0.5", "web-role")[0], 200)   # a success after the failure
+        self.assertEqual(self.fx.credentials("127.0.0.5", "db-role")[0], 200)
+        status, ready = readiness()
+        self.assertEqual((status, ready["sts"]["failing_aliases"]), (503, {"web": "AccessDenied"}))
+        self.assertIsNotNone(ready["sts"]["aliases"]["db"]["last_success"])
+        self.docker.remove_container(web_1)   # gone: its failure no longer counts
+        self.assertTrue(wait_until(lambda: readiness()[0] == 200, timeout=5), readiness())
         status, ready = readiness()
         self.assertEqual((status, ready["ready"], ready["failing"]), (200, True, []), ready)
-        self.assertEqual(ready["containers_known"], 3)
+        self.assertEqual(ready["sts"]["failing_aliases"], {})
+        self.assertEqual(ready["sts"]["aliases"]["web"]["last_error"], "AccessDenied")   # still reported
+        self.assertEqual(ready["containers_known"], 2)
         self.assertEqual(ready["docker"]["reachable"], True)
         self.assertEqual(ready["docker"]["following_events"], True)
         self.assertGreaterEqual(ready["docker"]["seconds_since_event_or_listing"], 0)
         self.assertEqual(ready["metadata"], {"ok": True, "mock": False, "reachable": True})
         self.assertEqual(ready["credentials"]["closer_to_expiry_than_floor"], 0)
-        self.assertIsNotNone(ready["sts"]["aliases"]["web"]["last_success"])
         self.docker.stop()   # the daemon goes away
         self.assertTrue(wait_until(lambda: "docker" in readiness()[1]["failing"], timeout=10))
         status, ready = readiness()

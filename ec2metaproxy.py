@@ -7,7 +7,9 @@ traffic here. The proxy maps each request's source address to its container
 (Docker Engine API over the unix socket, kept current from the event stream),
 answers the credential paths with that container's own role, assumed with STS
 ahead of time, answers IMDSv2 tokens itself and forwards every other metadata
-path to the real IMDS. It never hands out the host's credentials.
+path to the real IMDS. It never hands out the host's credentials. With
+adminListen, a loopback (or unix socket) listener serves the operator health,
+readiness, Prometheus metrics and the container index.
 
 Run:   python3 ec2metaproxy.py -c config.json
 Needs: Python 3.9+ standard library, and boto3 for STS.

@@ -3504,6 +3504,24 @@ class TestAdminListener(ProxyTestCase):
         self.assertEqual(samples[("ec2metaproxy_connections_refused_total", ())], 1)
 
 
+class TestDroppedLogLines(unittest.TestCase):
+
+    def test_counted_and_never_reset_by_the_note_saying_so(self):
+        handler = emp.DroppingQueueHandler(capacity=2)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        self.addCleanup(root.removeHandler, handler)
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 0, "line", (), None)
+        for _ in range(5):
+            handler.enqueue(record)
+        self.assertEqual(emp.dropped_log_lines(), 3)
+        while not handler.queue.empty():
+            handler.queue.get_nowait()
+        handler.enqueue(record)   # room again: the "lines were dropped" note goes out and its count restarts
+        self.assertIn("were dropped", handler.queue.get_nowait().msg)
+        self.assertEqual(emp.dropped_log_lines(), 3)
+
+
 class TestAdminUnixSocket(ProxyTestCase):
 
     def make_fixture(self):

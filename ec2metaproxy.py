@@ -3611,8 +3611,10 @@ class Proxy:
     """Wires config, Docker, roles, credentials and the server together, and runs them."""
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
-                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time):
+                 env_region: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 upstream_recheck: float = 30.0):
         self.config = config
+        self.upstream_recheck = upstream_recheck   # with the admin listener: /readyz's metadata probe, seconds
         self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
@@ -3733,6 +3735,10 @@ class Proxy:
         while not self.upstream.probe():
             if not backoff.wait():
                 return
+        # With the admin listener, /readyz says whether the service still answers: one
+        # instance-id read every upstream_recheck seconds, far below the host's packet limit.
+        while self.admin is not None and not self._stop.wait(self.upstream_recheck):
+            self.upstream.probe()
 
     def _probe_credentials(self) -> None:
         """Say once whether the proxy has AWS credentials of its own to call STS with."""

@@ -3504,6 +3504,30 @@ class TestAdminListener(ProxyTestCase):
         self.assertEqual(samples[("ec2metaproxy_connections_refused_total", ())], 1)
 
 
+class TestReadinessOfTheMetadataService(unittest.TestCase):
+
+    def test_readyz_follows_the_metadata_service_going_and_coming_back(self):
+        STS.reset()
+        fx = ProxyFixture(adminListen="127.0.0.1:0")
+        self.addCleanup(fx.stop)
+        proxy = emp.Proxy(fx.config, upstream_recheck=0.1)
+        proxy.start()
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(proxy.shutdown, 2)
+
+        def metadata():
+            return json.loads(admin_get(proxy, "/readyz")[2])["metadata"]
+        self.assertTrue(wait_until(lambda: metadata()["ok"], timeout=5))
+        fx.imds.delay = 2.5   # answers later than the proxy waits (2 s): as good as gone
+        self.assertTrue(wait_until(lambda: not metadata()["ok"], timeout=10))
+        status, _, body = admin_get(proxy, "/readyz")
+        self.assertEqual((status, json.loads(body)["failing"]), (503, ["metadata"]))
+        fx.imds.delay = 0
+        self.assertTrue(wait_until(lambda: metadata()["ok"], timeout=10))
+
+
 class TestDroppedLogLines(unittest.TestCase):
 
     def test_counted_and_never_reset_by_the_note_saying_so(self):

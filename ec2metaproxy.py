@@ -3450,6 +3450,8 @@ class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise OSError(f"{self.path} exists and is not a socket")
+            if self._answers():
+                raise OSError(f"another process is listening on {self.path}")
             os.unlink(self.path)   # left by a proxy that did not stop cleanly
         umask = os.umask(0o177)   # created 0600: no moment when others may connect
         try:
@@ -3458,6 +3460,15 @@ class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             os.umask(umask)
         self._bound = True
         os.chmod(self.path, 0o600)
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+        return True
 
     def get_request(self):
         request, _ = super().get_request()

@@ -3560,7 +3560,13 @@ class TestAdminUnixSocket(ProxyTestCase):
         with self.assertRaisesRegex(emp.StartupError, r"^adminListen: cannot listen on unix://.*not a socket"):
             self.start()
         os.unlink(self.path)
-        self.start()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:   # another process's listener
+            other.bind(self.path)
+            other.listen()
+            with self.assertRaisesRegex(emp.StartupError, r"another process is listening on "):
+                self.start()
+            self.assertTrue(os.path.exists(self.path))
+        self.start()   # its socket file left behind, no longer answering: replaced
         self.assertEqual(self.fx.proxy.admin_address, self.path)
         mode = os.stat(self.path).st_mode
         self.assertTrue(stat.S_ISSOCK(mode))

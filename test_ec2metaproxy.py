@@ -3345,6 +3345,12 @@ class TestAdminListener(ProxyTestCase):
         host, port = self.fx.proxy.admin_address
         self.assertEqual(host, "127.0.0.1")   # bound to loopback: no other address reaches it
         self.assertNotEqual(port, self.fx.port)
+        # And should one (a host-network process through a forwarded port, say), it is dropped.
+        verify = self.fx.proxy.admin.verify_request
+        self.assertEqual([verify(None, (source, 40000)) for source in ("127.0.0.1", "127.0.0.2", "::1")],
+                         [True, True, True])
+        self.assertEqual([verify(None, (source, 40000)) for source in ("172.17.0.2", "::ffff:10.0.0.5", "fd00::1")],
+                         [False, False, False])
         self.assertEqual(admin_get(self.fx.proxy, "/healthz")[::2], (200, "ok\n"))
         for path in ("/healthz", "/readyz", "/metrics", "/containers"):
             status, _, body = self.fx.request(path, "127.0.0.2")
@@ -3443,6 +3449,17 @@ class TestAdminListener(ProxyTestCase):
         status, ready = readiness()
         self.assertEqual(status, 503)
         self.assertEqual(ready["docker"]["following_events"], False)
+        self.assertGreaterEqual(self.scrape()("ec2metaproxy_docker_event_stream_reconnects_total"), 1)
+
+    def test_throttling_is_counted_by_alias_and_outcome(self):
+        self.start()
+        self.assertTrue(wait_until(lambda: STS.assume_calls() >= 1, timeout=10))
+        STS.mode = "throttle"
+        self.docker.add_container("db-1", ["127.0.0.3"], labels={"ec2metaproxy.RoleAlias": "db"})
+        self.assertTrue(wait_until(lambda: self.scrape()("ec2metaproxy_sts_throttles_total") >= 1, timeout=10))
+        metric = self.scrape()
+        self.assertGreaterEqual(metric("ec2metaproxy_sts_calls_total", alias="db", outcome="Throttling"), 1)
+        self.assertEqual(metric("ec2metaproxy_sts_calls_total", alias="db", outcome="success"), 0)
 
     def test_credentials_close_to_expiry_make_it_unready(self):
         clock = FakeClock()

@@ -7,7 +7,9 @@ traffic here. The proxy maps each request's source address to its container
 (Docker Engine API over the unix socket, kept current from the event stream),
 answers the credential paths with that container's own role, assumed with STS
 ahead of time, answers IMDSv2 tokens itself and forwards every other metadata
-path to the real IMDS. It never hands out the host's credentials.
+path to the real IMDS. It never hands out the host's credentials. With
+adminListen, a loopback (or unix socket) listener serves the operator health,
+readiness, Prometheus metrics and the container index.
 
 Run:   python3 ec2metaproxy.py -c config.json
 Needs: Python 3.9+ standard library, and boto3 for STS.
@@ -16,6 +18,7 @@ Licence: MIT (see LICENSE).
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -26,6 +29,7 @@ import hashlib
 import heapq
 import hmac
 import http.client
+import http.server
 import ipaddress
 import json
 import logging
@@ -123,6 +127,208 @@ class TokenBucket:
 
 
 #####################################################################
+# Metrics ###########################################################
+# Owns the counters and histograms the parts below increment where things happen,
+# and their Prometheus text; read only by the admin listener.
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return str(int(value)) if value == int(value) else repr(float(value))
+
+
+class Metric:
+    """One metric family: a name, its help, its label names, and samples keyed by label values.
+
+    An update is a dict operation under the family's own lock: no I/O, nothing else held.
+    """
+
+    kind = "untyped"
+
+    def __init__(self, name: str, help_text: str, labels: Tuple[str, ...] = (),
+                 read: Optional[Callable[[], object]] = None):
+        self.name = name
+        self.help = help_text
+        self.labels = labels
+        self._read = read   # read from its owner at scrape time: a number, or {label values: number}
+        self._lock = threading.Lock()
+        self._values: Dict[Tuple[str, ...], float] = {}
+
+    def label_text(self, values: Tuple[str, ...], extra: str = "") -> str:
+        pairs = [f'{name}="{_escape_label(str(value))}"' for name, value in zip(self.labels, values)]
+        if extra:
+            pairs.append(extra)
+        return "{" + ",".join(pairs) + "}" if pairs else ""
+
+    def samples(self) -> List[Tuple[Tuple[str, ...], float]]:
+        if self._read is not None:
+            value = self._read()
+            return sorted(value.items()) if isinstance(value, dict) else [((), float(value))]
+        with self._lock:
+            return sorted(self._values.items())
+
+    def render(self) -> List[str]:
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        lines = [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
+        for values, value in self.samples():
+            lines.append(f"{self.name}{self.label_text(values)} {_number(value)}")
+        return lines
+
+
+class Counter(Metric):
+    """A count that only goes up: `inc(*label_values)`."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labels: Tuple[str, ...] = (),
+                 read: Optional[Callable[[], object]] = None):
+        super().__init__(name, help_text, labels, read)
+        if not labels:
+            self._values[()] = 0.0   # shown as 0 before the first event, not absent
+
+    def inc(self, *values: str) -> None:
+        with self._lock:
+            self._values[values] = self._values.get(values, 0.0) + 1.0
+
+
+class Gauge(Metric):
+    """A value that goes up and down, read from its owner at scrape time."""
+
+    kind = "gauge"
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram(Metric):
+    """Observations (seconds) counted into fixed buckets, with their sum and count."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, labels: Tuple[str, ...] = (),
+                 buckets: Tuple[float, ...] = LATENCY_BUCKETS):
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(sorted(buckets))
+        self._series: Dict[Tuple[str, ...], List[float]] = {}   # label values -> [per bucket..., +Inf, sum]
+
+    def observe(self, value: float, *values: str) -> None:
+        slot = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            series = self._series.get(values)
+            if series is None:
+                series = self._series[values] = [0.0] * (len(self.buckets) + 2)
+            series[slot] += 1.0
+            series[-1] += value
+
+    def samples(self):
+        return []
+
+    def render(self) -> List[str]:
+        lines = super().render()
+        with self._lock:
+            series = sorted((values, list(counts)) for values, counts in self._series.items())
+        for values, counts in series:
+            total = 0.0
+            for bound, count in zip(self.buckets + (math.inf,), counts):
+                total += count
+                le = 'le="%s"' % _number(bound)
+                lines.append(f"{self.name}_bucket{self.label_text(values, le)} {_number(total)}")
+            lines.append(f"{self.name}_sum{self.label_text(values)} {repr(counts[-1])}")
+            lines.append(f"{self.name}_count{self.label_text(values)} {_number(total)}")
+        return lines
+
+
+class ProxyMetrics:
+    """Every metric the proxy keeps, by name, and the last STS outcome per alias (for /readyz).
+
+    Each part takes one in its constructor and increments it in one line where the
+    event happens; a part built without one gets its own, read by nobody.
+    """
+
+    def __init__(self, arn_aliases: Optional[Mapping[str, str]] = None):
+        self._arn_aliases = dict(arn_aliases or {})   # role ARN -> alias, for STS labels
+        self.families: List[Metric] = []
+        add = self.add
+        self.requests = add(Counter("ec2metaproxy_requests_total",
+                                    "Requests answered on the container-facing port, by route and status.",
+                                    ("route", "status")))
+        self.request_seconds = add(Histogram("ec2metaproxy_request_duration_seconds",
+                                             "Time from a request's arrival to its answer, by route.", ("route",)))
+        self.credentials_served = add(Counter("ec2metaproxy_credentials_served_total",
+                                              "Credential answers handed to containers."))
+        self.cache_hits = add(Counter("ec2metaproxy_credential_cache_hits_total",
+                                      "Credential requests answered from the cache at once."))
+        self.cache_misses = add(Counter("ec2metaproxy_credential_cache_misses_total",
+                                        "Credential requests that had to wait for STS."))
+        self.sts_calls = add(Counter("ec2metaproxy_sts_calls_total",
+                                     "AssumeRole calls by alias and outcome (success, STS's error code, timeout).",
+                                     ("alias", "outcome")))
+        self.sts_seconds = add(Histogram("ec2metaproxy_sts_call_duration_seconds",
+                                         "AssumeRole call latency by alias.", ("alias",)))
+        self.docker_events = add(Counter("ec2metaproxy_docker_events_total",
+                                         "Events read from Docker's event stream."))
+        self.docker_listings = add(Counter("ec2metaproxy_docker_listings_total",
+                                           "Container listings asked of Docker, by outcome (ok, error).",
+                                           ("outcome",)))
+        self.docker_reconnects = add(Counter("ec2metaproxy_docker_event_stream_reconnects_total",
+                                             "Times following Docker's event stream failed or the stream ended."))
+        self.tokens_issued = add(Counter("ec2metaproxy_imds_tokens_issued_total", "IMDSv2 tokens issued."))
+        self.tokens_refused = add(Counter(
+            "ec2metaproxy_imds_tokens_refused_total",
+            "IMDSv2 token requests refused (request) and reads refused for a missing or invalid token (read).",
+            ("reason",)))
+        self.connections_refused = add(Counter("ec2metaproxy_connections_refused_total",
+                                               "Connections refused by the per-source or total connection caps."))
+        self._lock = threading.Lock()
+        self._sts_last: Dict[str, Dict[str, object]] = {}
+
+    def add(self, metric: Metric) -> Metric:
+        self.families.append(metric)
+        return metric
+
+    def alias_of(self, arn: str) -> str:
+        return self._arn_aliases.get(arn, "IAM_ROLE")
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """One answered request: its count, its latency, and what it says about tokens."""
+        self.requests.inc(route, str(status))
+        self.request_seconds.observe(seconds, route)
+        if route == "token":
+            if status == 200:
+                self.tokens_issued.inc()
+            else:
+                self.tokens_refused.inc("request")
+        elif status == 401:
+            self.tokens_refused.inc("read")
+
+    def sts_call(self, arn: str, error: Optional["CredentialError"], seconds: float, when: float) -> None:
+        """One AssumeRole call's outcome and latency; `when` is wall time, kept for /readyz."""
+        alias = self.alias_of(arn)
+        outcome = "success" if error is None else ("timeout" if error.timed_out else error.code)
+        self.sts_calls.inc(alias, outcome)
+        self.sts_seconds.observe(seconds, alias)
+        with self._lock:
+            last = self._sts_last.setdefault(alias, {})
+            if error is None:
+                last["success"] = when
+            else:
+                last["failure"], last["error"] = when, outcome
+
+    def sts_last(self) -> Dict[str, Dict[str, object]]:
+        """Alias -> the wall time of its last success, its last failure and that failure's code."""
+        with self._lock:
+            return {alias: dict(last) for alias, last in self._sts_last.items()}
+
+    def render(self) -> str:
+        """The Prometheus text exposition format, version 0.0.4."""
+        return "\n".join(line for family in self.families for line in family.render()) + "\n"
+
+
+#####################################################################
 # Config ############################################################
 # Owns the JSON file: parsing, validation with an error naming the key,
 # and the immutable Config every other part reads.
@@ -211,6 +417,7 @@ class Config:
     sts_burst: float = 10.0
     session_scope: str = "container"
     forward: ForwardRule = ForwardRule()
+    admin_listen: object = None   # (host, port) on loopback, or a unix socket path; None: no admin listener
 
 
 def _expect(key: str, value, kind, what: str):
@@ -239,6 +446,24 @@ def parse_listen(key: str, value) -> Tuple[str, int]:
     elif host and not re.match(r"^[A-Za-z0-9.-]+$", host):
         raise ConfigError(f"{key}: {value!r} has an invalid host")
     return host, int(port)
+
+
+def parse_admin_listen(key: str, value):
+    """A loopback HOST:PORT as (host, port), or "unix:///path" as the path; the operator's port only."""
+    if isinstance(value, str) and value.startswith("unix://"):
+        path = value[len("unix://"):]
+        if not path.startswith("/") or path.endswith("/"):
+            raise ConfigError(f"{key}: {value!r}: write a unix socket as unix:///absolute/path.sock")
+        return path
+    host, port = parse_listen(key, value)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"{key}: {value!r} is not a loopback address; use 127.0.0.1:PORT, [::1]:PORT "
+                          "or unix:///PATH (the admin listener is never for containers)")
+    return host, port
 
 
 def parse_role_arn(key: str, value) -> str:
@@ -488,6 +713,7 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "stsBurst": ("sts_burst", lambda k, v: parse_positive(k, v, 1.0, "AssumeRole calls")),
     "sessionScope": ("session_scope", lambda k, v: parse_choice(k, v, SESSION_SCOPES)),
     "forward": ("forward", parse_forward),
+    "adminListen": ("admin_listen", lambda k, v: None if v is None else parse_admin_listen(k, v)),
 }
 SESSION_SCOPES = ("container", "role")
 SHARED_SESSION_NAME = "ec2metaproxy"   # sessionScope "role" without a sessionName of its own
@@ -535,6 +761,9 @@ def parse_config(data) -> Config:
     for source, alias in data.get("staticMappings", {}).items():
         if alias not in config.alias_to_arn:
             raise ConfigError(f"staticMappings.{source}: {alias!r} is not an alias in aliasToARN")
+    if isinstance(config.admin_listen, tuple) and config.admin_listen[1] == config.listen[1] != 0:
+        raise ConfigError(f"adminListen: port {config.listen[1]} is the container-facing port (listen); "
+                          "choose another")
     for index, pattern in enumerate(config.allowed_roles):
         if not pattern.startswith("arn:"):
             raise ConfigError(f"allowedRoles[{index}]: {pattern!r} is not an ARN pattern (arn:aws:iam::*:role/...)")
@@ -797,6 +1026,10 @@ class ContainerIndex:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def containers(self) -> List[Container]:
+        """Every container Docker reported, for the admin listener."""
+        return list(self._by_id.values())
+
     def counts(self) -> Dict[str, int]:
         """Sizes of what is held, for logs and tests: nothing here may grow without bound."""
         return {"containers": len(self._by_id), "addresses": len(self._by_ip),
@@ -945,8 +1178,9 @@ class DockerWatcher:
     def __init__(self, docker: DockerClient, index: ContainerIndex, with_env: bool = False,
                  on_change: Callable[[List[Container], List[str]], None] = lambda added, removed: None,
                  on_create: Callable[[Container], None] = lambda created: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics: Optional[ProxyMetrics] = None):
         self._docker = docker
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
         self._index = index
         self._with_env = with_env
         self._on_change = on_change
@@ -964,6 +1198,7 @@ class DockerWatcher:
         self._following_from: Optional[int] = None   # the first listing after subscribing to events
         self._stop = threading.Event()
         self.reachable: Optional[bool] = None
+        self._heard_at: Optional[float] = None   # the last event read or listing completed
 
     # The request path
 
@@ -1022,6 +1257,12 @@ class DockerWatcher:
         """Whether the index follows Docker's events (subscribed, and listed since)."""
         ticket = self._following_from
         return ticket is not None and self._finished >= ticket
+
+    def status(self) -> Dict[str, object]:
+        """For /readyz: Docker reachable, its events followed, seconds since it was last heard."""
+        heard = self._heard_at
+        return {"reachable": self.reachable is True, "following_events": self.following(),
+                "seconds_since_event_or_listing": None if heard is None else round(self._clock() - heard, 3)}
 
     # Asking for listings
 
@@ -1099,6 +1340,7 @@ class DockerWatcher:
             self._set_reachable(False, str(exc))
         else:
             ok = True
+            self._heard_at = self._clock()
             added, removed = self._index.install(listing, began)
             if added or removed:
                 self._on_change(added, removed)
@@ -1106,6 +1348,7 @@ class DockerWatcher:
         with self._lock:
             self._finished = max(self._finished, ticket)
             self._changed.notify_all()
+        self.metrics.docker_listings.inc("ok" if ok else "error")
         return ok
 
     def _set_reachable(self, reachable: bool, error: str = "") -> None:
@@ -1149,6 +1392,8 @@ class DockerWatcher:
                 self._following_from = self.ask(Why.EVENT)
                 backoff.reset()
                 for event in stream:
+                    self._heard_at = self._clock()
+                    self.metrics.docker_events.inc()
                     self.handle_event(event)
                     if self._stop.is_set():
                         return
@@ -1158,6 +1403,7 @@ class DockerWatcher:
             self._following_from = None   # events may be missed from now on
             if self._stop.is_set():
                 return
+            self.metrics.docker_reconnects.inc()
             self._set_reachable(False, error)
             if not backoff.wait():
                 return
@@ -1295,6 +1541,12 @@ class RoleResolver:
             log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
         return spec
 
+    def decision(self, container: Container) -> Tuple[Optional[str], Optional[RoleSpec], str]:
+        """The alias, the role and why none, decided afresh; neither remembered nor logged (for /containers)."""
+        choice, _ = self._choose(container)
+        spec, reason = self._resolve(container)
+        return (choice.alias if choice is not None else None), spec, reason
+
     def provisional(self, container: Container) -> Optional[RoleSpec]:
         """The role from what is known before the container starts (its create event); not remembered."""
         return self._resolve(container)[0]
@@ -1416,6 +1668,8 @@ class RoleResolver:
 
 class CredentialError(Exception):
     """STS could not provide credentials; code is STS's error code or the proxy's reason."""
+
+    timed_out = False   # the call timed out (connecting or reading): "timeout" in the metrics
 
     def __init__(self, code: str, message: str, retryable: bool = True):
         super().__init__(f"{code}: {message}")
@@ -1588,7 +1842,9 @@ class StsClient:
             raise CredentialError("InvalidParameter", str(exc).replace("\n", " "), retryable=False) from None
         except self._errors.BotoCoreError as exc:
             # Connection and time-out errors; their text names the endpoint, never a body.
-            raise CredentialError("STSUnavailable", str(exc)) from None
+            error = CredentialError("STSUnavailable", str(exc))
+            error.timed_out = isinstance(exc, (self._errors.ConnectTimeoutError, self._errors.ReadTimeoutError))
+            raise error from None
         except Exception as exc:
             # Anything else (an unparsable answer, say) may carry the response body, and with
             # it a secret key: keep only the type.
@@ -1740,8 +1996,10 @@ class CredentialCache:
     SHARED = ""   # the owner part of a key shared by every container with the same RoleSpec
 
     def __init__(self, sts, workers: int = 6, pacer: Optional[StsPacer] = None,
-                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0, shared: bool = False):
+                 clock: Callable[[], float] = time.time, retry_cap: float = 8.0, shared: bool = False,
+                 metrics: Optional[ProxyMetrics] = None):
         self._sts = sts
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
         self._clock = clock
         self.pacer = pacer if pacer is not None else StsPacer()
         self._retry_cap = retry_cap
@@ -1769,6 +2027,27 @@ class CredentialCache:
             return {"entries": len(self._entries), "containers": len(self._by_container),
                     "fetched": sum(1 for entry in self._entries.values() if entry.creds is not None),
                     "scheduled": len(self._due), "gone": len(self._gone)}
+
+    def peek(self, container_id: str, spec: RoleSpec) -> Tuple[Optional[Credentials], Optional[str]]:
+        """The credentials held for a container's role and the last fetch's error code, if any;
+        changes nothing (for /containers)."""
+        entry = self._entries.get(self._key(container_id, spec))
+        if entry is None:
+            return None, None
+        return entry.creds, entry.error.code if entry.error is not None else None
+
+    def failing(self) -> Dict[str, str]:
+        """Role ARN -> STS's error code, for each held key whose last fetch failed (for /readyz)."""
+        with self._lock:
+            return {key[1].arn: entry.error.code for key, entry in self._entries.items()
+                    if entry.error is not None and not entry.provisional}
+
+    def expiring_within(self, seconds: float) -> int:
+        """How many held credentials expire within `seconds` (for /readyz: the floor must hold)."""
+        horizon = self._clock() + seconds
+        with self._lock:
+            return sum(1 for entry in self._entries.values()   # a create event's guess is not kept up
+                       if entry.creds is not None and not entry.provisional and entry.creds.expiration < horizon)
 
     def start(self) -> None:
         threading.Thread(target=self._release_loop, name="sts-pacer", daemon=True).start()
@@ -1806,7 +2085,10 @@ class CredentialCache:
         """Credentials for the container, waiting at most timeout for STS; else CredentialError."""
         creds = self.cached(container_id, spec)
         if creds is not None:
+            self.metrics.cache_hits.inc()
+            self.metrics.credentials_served.inc()
             return creds
+        self.metrics.cache_misses.inc()
         key = self._key(container_id, spec)
         with self._lock:
             entry = self._entry_locked(key, container_id, label)
@@ -1820,6 +2102,7 @@ class CredentialCache:
         done.wait(timeout)
         creds = entry.creds
         if creds is not None and creds.expiration - self._clock() > self.MIN_VALID:
+            self.metrics.credentials_served.inc()
             return creds
         raise entry.error or CredentialError("STSTimeout", "STS did not answer in time")
 
@@ -1975,6 +2258,7 @@ class CredentialCache:
     def _fetch(self, key, entry: _Entry) -> None:
         spec = key[1]
         creds = error = None
+        started = time.perf_counter()
         try:
             creds = self._sts.assume_role(spec)
         except CredentialError as exc:
@@ -1983,6 +2267,7 @@ class CredentialCache:
             log.error("AssumeRole %s for %s failed unexpectedly: %s", spec.arn, entry.label, type(exc).__name__)
             error = CredentialError("InternalError", type(exc).__name__)
         now = self._clock()
+        self.metrics.sts_call(spec.arn, error, time.perf_counter() - started, now)
         with self._lock:
             done, entry.done, entry.running, entry.released = entry.done, None, False, False
             if error is not None and error.code in THROTTLE_CODES:
@@ -2260,7 +2545,7 @@ class Answer:
 class Request:
     """One parsed request, and who it turned out to be from (for the log line)."""
 
-    __slots__ = ("method", "target", "version", "headers", "source", "container", "role")
+    __slots__ = ("method", "target", "version", "headers", "source", "container", "role", "route")
 
     def __init__(self, method: str, target: str, version: str, headers: Mapping[str, str], source: str):
         self.method = method
@@ -2270,6 +2555,7 @@ class Request:
         self.source = source
         self.container = "-"
         self.role = "-"
+        self.route = "unrouted"   # the handler that answered it, for the metrics
 
 
 NOT_FOUND = b"404 - Not Found"
@@ -2592,7 +2878,9 @@ class MetadataService:
         for pattern, handler in self.routes:
             match = pattern.match(path)
             if match is not None:
+                request.route = handler.__name__
                 return handler(request, path, match, deadline)
+        request.route = "forward"
         return self.forward(request, path, None, deadline)
 
     @staticmethod
@@ -3032,6 +3320,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.admission = server.admission
         self.wall_clock = server.wall_clock
         self.keep_alive_header = server.keep_alive_header
+        self.metrics = server.metrics
         self.reader = RequestReader(self.request, self.conn, server.admission, server.limits, server.clock)
 
     def handle(self):
@@ -3071,6 +3360,8 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         # Logged before the answer goes out: once a client has its answer it opens its next
         # connection, and work left after sending would pile up behind it.
         self.log_request(request, answer.status, started)
+        self.metrics.request_done(request.route if request else "unparsed", answer.status,
+                                  time.perf_counter() - started)
         return self.send(request, answer, keep) and keep
 
     def internal_error(self, request: Optional[Request]) -> Answer:
@@ -3142,8 +3433,9 @@ class MetadataProxyServer(socketserver.TCPServer):
 
     def __init__(self, address: Tuple[str, int], service: MetadataService, limits: Limits = Limits(),
                  handler=ImdsRequestHandler, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, metrics: Optional[ProxyMetrics] = None):
         host, port = address
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
         if host in ("", "::") or ":" in host:
             self.address_family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
             host = host or ("::" if socket.has_ipv6 else "0.0.0.0")
@@ -3182,6 +3474,7 @@ class MetadataProxyServer(socketserver.TCPServer):
                 request.send(b"HTTP/1.1 429 Too Many Requests\r\nServer: EC2ws\r\n"
                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
             log.debug("refused a connection from %s: over the connection cap", source)
+            self.metrics.connections_refused.inc()
             return False
         self._admitted[request] = conn
         return True
@@ -3235,6 +3528,206 @@ class MetadataProxyServer(socketserver.TCPServer):
 
 
 #####################################################################
+# Admin #############################################################
+# Owns the operator's listener: liveness, readiness, metrics and the container index,
+# on a loopback address or a unix socket only, never on the container-facing port.
+
+CREDENTIAL_FLOOR = 1800.0   # seconds: no credentials held may come closer to expiry than this
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def dropped_log_lines() -> int:
+    """Log lines dropped so far by the queue handlers on the root logger (configure_logging's)."""
+    return sum(getattr(handler, "dropped_total", 0) for handler in logging.getLogger().handlers)
+
+
+class AdminService:
+    """Answers the admin paths from the parts' own state: nothing here calls Docker, STS or IMDS."""
+
+    def __init__(self, metrics: ProxyMetrics, watcher: DockerWatcher, index: ContainerIndex,
+                 roles: RoleResolver, credentials: CredentialCache, upstream, mock: bool = False):
+        self.metrics = metrics
+        self.watcher = watcher
+        self.index = index
+        self.roles = roles
+        self.credentials = credentials
+        self.upstream = upstream
+        self.mock = mock
+        metrics.add(Gauge("ec2metaproxy_containers_known", "Containers Docker reported, in the index.",
+                          read=lambda: len(index)))
+        metrics.add(Gauge("ec2metaproxy_credentials_cached", "Credentials held in the cache.",
+                          read=lambda: credentials.counts()["fetched"]))
+        metrics.add(Counter("ec2metaproxy_sts_throttles_total", "AssumeRole calls STS answered with Throttling.",
+                            read=lambda: credentials.pacer.throttles))
+        metrics.add(Counter("ec2metaproxy_log_lines_dropped_total",
+                            "Log lines dropped because the log output was not keeping up.", read=dropped_log_lines))
+        self.routes = {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.prometheus,
+                       "/containers": self.containers}
+
+    def answer(self, method: str, target: str) -> Tuple[int, str, bytes, Tuple[Tuple[str, str], ...]]:
+        """(status, content type, body, extra headers) for one request."""
+        route = self.routes.get(urllib.parse.urlsplit(target).path)
+        if route is None:
+            return 404, "text/plain", b"404 - Not Found\n", ()
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"405 - Method Not Allowed\n", (("Allow", "GET, HEAD"),)
+        status, content_type, body = route()
+        return status, content_type, body, ()
+
+    @staticmethod
+    def _json(status: int, document) -> Tuple[int, str, bytes]:
+        return status, "application/json", (json.dumps(document, indent=2) + "\n").encode()
+
+    def healthz(self) -> Tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    def readiness(self) -> Dict[str, object]:
+        """Each part's state and whether it is ready; `failing` names the parts that are not."""
+        docker = self.watcher.status()
+        docker["ok"] = bool(docker["reachable"] and docker["following_events"])
+        last = self.metrics.sts_last()
+        aliases = {}
+        for alias, outcome in sorted(last.items()):
+            aliases[alias] = {
+                "last_success": iso8601(outcome["success"]) if "success" in outcome else None,
+                "last_failure": iso8601(outcome["failure"]) if "failure" in outcome else None,
+                "last_error": outcome.get("error")}
+        # Failing while a container's credentials cannot be fetched; not for one that has gone.
+        failing = {self.metrics.alias_of(arn): code for arn, code in sorted(self.credentials.failing().items())}
+        sts = {"ok": not failing, "failing_aliases": failing, "aliases": aliases}
+        if self.mock:
+            metadata = {"ok": True, "mock": True, "reachable": None}
+        else:
+            reachable = getattr(self.upstream, "reachable", None) is True
+            metadata = {"ok": reachable, "mock": False, "reachable": reachable}
+        below = self.credentials.expiring_within(CREDENTIAL_FLOOR)
+        credentials = {"ok": below == 0, "cached": self.credentials.counts()["fetched"],
+                       "closer_to_expiry_than_floor": below, "floor_seconds": int(CREDENTIAL_FLOOR)}
+        parts = {"docker": docker, "sts": sts, "metadata": metadata, "credentials": credentials}
+        failing = [name for name, part in parts.items() if not part["ok"]]
+        return dict({"ready": not failing, "failing": failing, "containers_known": len(self.index)}, **parts)
+
+    def readyz(self) -> Tuple[int, str, bytes]:
+        state = self.readiness()
+        return self._json(200 if state["ready"] else 503, state)
+
+    def prometheus(self) -> Tuple[int, str, bytes]:
+        return 200, PROMETHEUS_TEXT, self.metrics.render().encode()
+
+    def containers(self) -> Tuple[int, str, bytes]:
+        """The index and each container's decision and credentials (STS's error code if it refused):
+        an AccessKeyId at most, never a secret or token."""
+        listing = []
+        for container in sorted(self.index.containers(), key=lambda c: c.name):
+            alias, spec, reason = self.roles.decision(container)
+            creds, sts_error = self.credentials.peek(container.id, spec) if spec is not None else (None, None)
+            listing.append({
+                "id": container.id, "name": container.name, "image": container.image,
+                "addresses": list(container.ips), "networks": sorted(container.networks),
+                "alias": alias, "role_arn": spec.arn if spec else None,
+                "session_name": spec.session_name if spec else None,
+                "refused": None if spec else (reason or "no alias: no label and no defaultAlias"),
+                "access_key_id": creds.access_key_id if creds else None,
+                "expiration": iso8601(creds.expiration) if creds else None,
+                "sts_error": sts_error,
+            })
+        return self._json(200, {"count": len(listing), "containers": listing})
+
+
+class AdminRequestHandler(http.server.BaseHTTPRequestHandler):
+    """One operator's request on the admin listener, answered by the server's AdminService."""
+
+    server_version = "ec2metaproxy-admin"
+    timeout = 5.0   # a client that sends nothing does not hold its thread
+
+    def do_GET(self):
+        status, content_type, body, headers = self.server.admin.answer(self.command, self.path)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+
+    def log_message(self, format, *args):
+        log.debug("admin: " + format, *args)
+
+
+class AdminTCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The admin listener on a loopback address; a connection from anywhere else is dropped."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], admin: AdminService):
+        self.admin = admin
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, AdminRequestHandler)
+
+    def verify_request(self, request, client_address) -> bool:
+        return ipaddress.ip_address(normalize_ip(client_address[0])).is_loopback
+
+
+class AdminUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The admin listener on a unix socket, mode 0600 (root's, or the proxy user's), removed on close."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, admin: AdminService):
+        self.admin = admin
+        self.path = path
+        self._bound = False   # the socket file is ours to remove only once bound
+        super().__init__(path, AdminRequestHandler)
+
+    def server_bind(self):
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise OSError(f"{self.path} exists and is not a socket")
+            if self._answers():
+                raise OSError(f"another process is listening on {self.path}")
+            os.unlink(self.path)   # left by a proxy that did not stop cleanly
+        umask = os.umask(0o177)   # created 0600: no moment when others may connect
+        try:
+            super().server_bind()
+        finally:
+            os.umask(umask)
+        self._bound = True
+        os.chmod(self.path, 0o600)
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+        return True
+
+    def get_request(self):
+        request, _ = super().get_request()
+        return request, ("unix", 0)   # BaseHTTPRequestHandler expects an address it can index
+
+    def server_close(self):
+        super().server_close()
+        if self._bound:
+            self._bound = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def admin_server(listen, admin: AdminService):
+    """The admin listener for adminListen: a unix socket path, or a loopback (host, port)."""
+    if isinstance(listen, str):
+        return AdminUnixServer(listen, admin)
+    return AdminTCPServer(listen, admin)
+
+
+#####################################################################
 # main ##############################################################
 # Owns the command line, logging, signals, and the wiring of the parts.
 
@@ -3282,6 +3775,7 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
         super().__init__(queue.SimpleQueue())
         self.capacity = capacity
         self.dropped = 0
+        self.dropped_total = 0   # never reset: the metrics' count
 
     def prepare(self, record):
         # Format once, here, in place: this is the root's only handler and the last to see it.
@@ -3293,6 +3787,7 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
         waiting = self.queue.qsize()
         if waiting >= self.capacity:
             self.dropped += 1
+            self.dropped_total += 1
             return
         if self.dropped and waiting < self.capacity // 2:
             note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
@@ -3366,19 +3861,23 @@ class Proxy:
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
                  env_region: Optional[str] = None, clock: Callable[[], float] = time.time,
-                 static_ttl: float = STATIC_TTL):
+                 static_ttl: float = STATIC_TTL, upstream_recheck: float = 30.0):
         self.config = config
+        self.upstream_recheck = upstream_recheck   # with the admin listener: /readyz's metadata probe, seconds
         self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
         self.roles = RoleResolver(config)
+        self.metrics = ProxyMetrics({options.arn: name for name, options in config.alias_to_arn.items()})
         self.sts = sts if sts is not None else StsClient(
             config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url, clock=clock)
         self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
-                                           clock=clock, shared=config.session_scope == "role")
+                                           clock=clock, shared=config.session_scope == "role",
+                                           metrics=self.metrics)
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
-                                     on_change=self.lifecycle.changed, on_create=self.lifecycle.created)
+                                     on_change=self.lifecycle.changed, on_create=self.lifecycle.created,
+                                     metrics=self.metrics)
         if config.mock:
             self.upstream = MockUpstream(MockMetadata(config.sts_region or env_region or MOCK_REGION))
         else:
@@ -3389,10 +3888,21 @@ class Proxy:
                                        require_tokens=config.require_tokens,
                                        wall_clock=clock, forward_rule=config.forward)
         try:
-            self.server = MetadataProxyServer(config.listen, self.service, limits)
+            self.server = MetadataProxyServer(config.listen, self.service, limits, metrics=self.metrics)
         except OSError as exc:
             host, port = config.listen
             raise StartupError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from None
+        self.admin = None
+        self._admin_serving = False
+        if config.admin_listen is not None:
+            admin = AdminService(self.metrics, self.watcher, self.index, self.roles, self.credentials,
+                                 self.upstream, mock=config.mock)
+            try:
+                self.admin = admin_server(config.admin_listen, admin)
+            except OSError as exc:
+                self.server.server_close()
+                raise StartupError(f"adminListen: cannot listen on {self._admin_text()}: "
+                                   f"{exc.strerror or exc}") from None
         self._stop = threading.Event()
         self.stopped = threading.Event()
 
@@ -3409,6 +3919,20 @@ class Proxy:
     def address(self) -> Tuple[str, int]:
         return self.server.server_address[:2]
 
+    @property
+    def admin_address(self):
+        """Where the admin listener is: (host, port), a unix socket path, or None when it is off."""
+        if self.admin is None:
+            return None
+        address = self.admin.server_address
+        return address if isinstance(address, str) else tuple(address[:2])
+
+    def _admin_text(self) -> str:
+        listen = self.admin_address or self.config.admin_listen
+        if isinstance(listen, str):
+            return "unix://" + listen
+        return f"[{listen[0]}]:{listen[1]}" if ":" in listen[0] else f"{listen[0]}:{listen[1]}"
+
     def start(self) -> None:
         """Everything but the accept loop: STS and the container list first, so first requests are known."""
         self._prepare_sts()
@@ -3417,6 +3941,11 @@ class Proxy:
         self.watcher.start()
         threading.Thread(target=self._probe_upstream, name="imds-probe", daemon=True).start()
         threading.Thread(target=self._probe_credentials, name="aws-credentials-probe", daemon=True).start()
+        if self.admin is not None:
+            self._admin_serving = True
+            threading.Thread(target=self.admin.serve_forever, kwargs={"poll_interval": 0.2}, name="admin",
+                             daemon=True).start()
+            log.info("admin listener on %s (/healthz, /readyz, /metrics, /containers)", self._admin_text())
         host, port = self.address
         log.info("ec2metaproxy %s listening on %s:%d (%d containers, %d aliases%s)", __version__,
                  f"[{host}]" if ":" in host else host, port, len(self.index), len(self.config.alias_to_arn),
@@ -3456,6 +3985,10 @@ class Proxy:
         while not self.upstream.probe():
             if not backoff.wait():
                 return
+        # With the admin listener, /readyz says whether the service still answers: one
+        # instance-id read every upstream_recheck seconds, far below the host's packet limit.
+        while self.admin is not None and not self._stop.wait(self.upstream_recheck):
+            self.upstream.probe()
 
     def _probe_credentials(self) -> None:
         """Say once whether the proxy has AWS credentials of its own to call STS with."""
@@ -3484,6 +4017,10 @@ class Proxy:
         self.server.shutdown()
         drained = self.server.drain(timeout)
         self.server.server_close()
+        if self.admin is not None:
+            if self._admin_serving:
+                self.admin.shutdown()
+            self.admin.server_close()
         self.watcher.stop()
         self.credentials.stop()
         log.info("stopped%s", "" if drained else " (some connections were cut off)")

@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import tarfile
@@ -715,6 +716,86 @@ class TestTokenBucket(unittest.TestCase):
         clock[0] += 60   # a long quiet spell refills only up to the burst
         self.assertEqual([bucket.take(), bucket.take()], [0.0, 0.0])
         self.assertGreater(bucket.take(), 0.0)
+
+
+#####################################################################
+# Metrics ###########################################################
+
+def metric_families(text):
+    """Parse the Prometheus text with the official client's parser (a test dependency)."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        raise unittest.SkipTest("prometheus_client is not installed: pip install -r .ci/requirements-test.txt")
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_samples(text):
+    """(sample name, sorted labels) -> value, from the official parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in metric_families(text).values() for sample in family.samples}
+
+
+class TestProxyMetrics(unittest.TestCase):
+    """The registry's text, read back by prometheus_client's parser."""
+
+    def test_counters_gauges_and_histograms_in_the_exposition_format(self):
+        metrics = emp.ProxyMetrics({arn("web-role"): "web"})
+        metrics.add(emp.Gauge("ec2metaproxy_test_gauge", "A gauge read at scrape time.", read=lambda: 7))
+        for status in (200, 200, 404):
+            metrics.request_done("iam", status, 0.003)
+        metrics.request_done("iam", 200, 0.2)
+        metrics.request_done("token", 200, 0.0001)
+        metrics.request_done("forward", 401, 0.0001)
+        metrics.sts_call(arn("web-role"), None, 0.04, 1000.0)
+        metrics.sts_call(arn("other-role"), emp.CredentialError("AccessDenied", "no", retryable=False), 0.05, 1001.0)
+        text = metrics.render()
+        self.assertTrue(text.endswith("\n"))
+        families = metric_families(text)
+        self.assertEqual(families["ec2metaproxy_requests"].type, "counter")
+        self.assertEqual(families["ec2metaproxy_request_duration_seconds"].type, "histogram")
+        self.assertEqual(families["ec2metaproxy_test_gauge"].type, "gauge")
+        self.assertIn("# HELP ec2metaproxy_requests_total ", text)
+        samples = metric_samples(text)
+        route = lambda name, **labels: samples[(name, tuple(sorted(labels.items())))]
+        self.assertEqual(route("ec2metaproxy_requests_total", route="iam", status="200"), 3)
+        self.assertEqual(route("ec2metaproxy_requests_total", route="iam", status="404"), 1)
+        # Buckets are cumulative, +Inf is the count, and the sum adds the observations.
+        self.assertEqual(route("ec2metaproxy_request_duration_seconds_bucket", route="iam", le="0.0025"), 0)
+        self.assertEqual(route("ec2metaproxy_request_duration_seconds_bucket", route="iam", le="0.005"), 3)
+        self.assertEqual(route("ec2metaproxy_request_duration_seconds_bucket", route="iam", le="0.25"), 4)
+        self.assertEqual(route("ec2metaproxy_request_duration_seconds_bucket", route="iam", le="+Inf"), 4)
+        self.assertEqual(route("ec2metaproxy_request_duration_seconds_count", route="iam"), 4)
+        self.assertAlmostEqual(route("ec2metaproxy_request_duration_seconds_sum", route="iam"), 0.209)
+        self.assertEqual(route("ec2metaproxy_imds_tokens_issued_total"), 1)
+        self.assertEqual(route("ec2metaproxy_imds_tokens_refused_total", reason="read"), 1)
+        self.assertEqual(route("ec2metaproxy_sts_calls_total", alias="web", outcome="success"), 1)
+        # An ARN no alias names (an IAM_ROLE from the environment) is counted under IAM_ROLE.
+        self.assertEqual(route("ec2metaproxy_sts_calls_total", alias="IAM_ROLE", outcome="AccessDenied"), 1)
+        self.assertEqual(route("ec2metaproxy_credential_cache_hits_total"), 0)   # present before the first
+        self.assertEqual(route("ec2metaproxy_test_gauge"), 7)
+
+    def test_label_values_are_escaped(self):
+        metrics = emp.ProxyMetrics()
+        metrics.request_done('a"b\\c\nd', 200, 0.001)
+        samples = metric_samples(metrics.render())
+        self.assertEqual(samples[("ec2metaproxy_requests_total", (("route", 'a"b\\c\nd'), ("status", "200")))], 1)
+
+    def test_an_sts_time_out_is_its_own_outcome(self):
+        STS.reset()
+        STS.mode = "stall"
+        STS.stall = 3
+        self.addCleanup(STS.reset)
+        sts = emp.StsClient("us-east-1", STS.url, read_timeout=0.5)
+        with self.assertRaises(emp.CredentialError) as caught:
+            sts.assume_role(emp.RoleSpec(arn("web-role"), "x-1"))
+        self.assertEqual(caught.exception.code, "STSUnavailable")   # what a container is told is unchanged
+        metrics = emp.ProxyMetrics({arn("web-role"): "web"})
+        metrics.sts_call(arn("web-role"), caught.exception, 0.5, 1000.0)
+        samples = metric_samples(metrics.render())
+        self.assertEqual(samples[("ec2metaproxy_sts_calls_total", (("alias", "web"), ("outcome", "timeout")))], 1)
 
 
 #####################################################################
@@ -1813,6 +1894,8 @@ class TestContainerLifecycle(unittest.TestCase):
         self.lifecycle.created(self.created(cid, {"ec2metaproxy.RoleAlias": "web"}, name="left"))
         self.assertTrue(wait_until(lambda: self.cache.cached(cid, spec), timeout=5))
         self.assertEqual(self.cache.counts()["scheduled"], 0)   # no refresh: it may never start
+        self.clock.now += 3000   # near its expiry: not a credential /readyz must worry about
+        self.assertEqual(self.cache.expiring_within(1800), 0)
         self.lifecycle.changed([], [cid])   # its destroy event
         self.assertEqual(len(self.cache), 0)
 
@@ -3479,6 +3562,332 @@ class TestChurn(ProxyTestCase):
 
 
 #####################################################################
+# Admin #############################################################
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An http.client connection to a unix socket (the admin listener's)."""
+
+    def __init__(self, path, timeout=5):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def admin_get(proxy, path, method="GET"):
+    """One request to the proxy's admin listener; returns (status, headers dict, body text)."""
+    address = proxy.admin_address
+    if isinstance(address, str):
+        conn = UnixHTTPConnection(address)
+    else:
+        conn = http.client.HTTPConnection(address[0], address[1], timeout=5)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read().decode()
+    finally:
+        conn.close()
+
+
+class TestAdminListener(ProxyTestCase):
+    """adminListen: health, readiness, metrics and the container index, for the operator only."""
+
+    config = {"adminListen": "127.0.0.1:0"}
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        self.docker.add_container("typo-1", ["127.0.0.4"], labels={"ec2metaproxy.RoleAlias": "nope"}, emit=False)
+
+    def scrape(self):
+        status, headers, body = admin_get(self.fx.proxy, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples = metric_samples(body)
+        return lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0)
+
+    def test_only_loopback_or_a_unix_socket_and_never_the_container_port(self):
+        for value in ("0.0.0.0:18001", ":18001", "[::]:18001", "10.1.2.3:18001", "example.com:18001"):
+            with self.assertRaises(emp.ConfigError) as caught:
+                emp.parse_config(base_config(adminListen=value))
+            self.assertRegex(str(caught.exception), r"^adminListen: .*not a loopback address")
+        for value in ("unix://relative.sock", "unix:///run/dir/"):
+            with self.assertRaisesRegex(emp.ConfigError, r"^adminListen: "):
+                emp.parse_config(base_config(adminListen=value))
+        with self.assertRaisesRegex(emp.ConfigError, r"^adminListen: port 18000 is the container-facing port"):
+            emp.parse_config(base_config(listen=":18000", adminListen="127.0.0.1:18000"))
+        accepted = {value: emp.parse_config(base_config(adminListen=value)).admin_listen
+                    for value in ("127.0.0.1:18001", "[::1]:18001", "unix:///run/ec2metaproxy/admin.sock")}
+        self.assertEqual(accepted, {"127.0.0.1:18001": ("127.0.0.1", 18001), "[::1]:18001": ("::1", 18001),
+                                    "unix:///run/ec2metaproxy/admin.sock": "/run/ec2metaproxy/admin.sock"})
+        self.assertIsNone(emp.parse_config(base_config()).admin_listen)   # off by default
+
+    def test_off_by_default(self):
+        fx = ProxyFixture()
+        self.addCleanup(fx.stop)
+        fx.start()
+        self.assertIsNone(fx.proxy.admin_address)
+
+    def test_the_admin_paths_are_plain_metadata_paths_on_the_container_port(self):
+        self.start()
+        host, port = self.fx.proxy.admin_address
+        self.assertEqual(host, "127.0.0.1")   # bound to loopback: no other address reaches it
+        self.assertNotEqual(port, self.fx.port)
+        # And should one (a host-network process through a forwarded port, say), it is dropped.
+        verify = self.fx.proxy.admin.verify_request
+        self.assertEqual([verify(None, (source, 40000)) for source in ("127.0.0.1", "127.0.0.2", "::1")],
+                         [True, True, True])
+        self.assertEqual([verify(None, (source, 40000)) for source in ("172.17.0.2", "::ffff:10.0.0.5", "fd00::1")],
+                         [False, False, False])
+        self.assertEqual(admin_get(self.fx.proxy, "/healthz")[::2], (200, "ok\n"))
+        for path in ("/healthz", "/readyz", "/metrics", "/containers"):
+            status, _, body = self.fx.request(path, "127.0.0.2")
+            self.assertEqual(status, 404, path)
+            self.assertNotIn("ec2metaproxy_", body)
+            self.assertIn(path, self.imds.paths())   # forwarded to the host's service, like any path
+        self.assertEqual(admin_get(self.fx.proxy, "/latest/meta-data/instance-id")[0], 404)
+        self.assertEqual(admin_get(self.fx.proxy, "/metrics", method="POST")[0], 405)
+
+    def test_counters_move_as_requests_are_made(self):
+        self.start()
+        self.assertTrue(wait_until(lambda: STS.assume_calls() >= 1, timeout=10))   # web-1's prefetch
+        before = self.scrape()
+        self.assertEqual(before("ec2metaproxy_containers_known"), 2)
+        self.assertGreaterEqual(before("ec2metaproxy_docker_listings_total", outcome="ok"), 1)
+        status, _, token = self.fx.request("/latest/api/token", "127.0.0.2", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        self.assertEqual(status, 200)
+        for _ in range(2):
+            self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 200)
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.2",
+                                         headers={"X-aws-ec2-metadata-token": "x" * 54})[0], 401)
+        self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.2")[0], 200)
+        self.assertEqual(self.fx.request("/latest/api/token", "127.0.0.2", method="PUT")[0], 400)
+        self.docker.add_container("db-1", ["127.0.0.3"], labels={"ec2metaproxy.RoleAlias": "db"})
+        self.assertTrue(wait_until(lambda: self.fx.proxy.index.lookup("127.0.0.3") is not None))
+        self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[0], 200)
+        self.assertTrue(wait_until(lambda: self.scrape()("ec2metaproxy_credentials_cached") == 2))
+        after = self.scrape()
+
+        def moved(name, **labels):
+            return after(name, **labels) - before(name, **labels)
+        self.assertEqual(moved("ec2metaproxy_requests_total", route="iam", status="200"), 3)
+        self.assertEqual(moved("ec2metaproxy_requests_total", route="forward", status="200"), 1)
+        self.assertEqual(moved("ec2metaproxy_requests_total", route="forward", status="401"), 1)
+        self.assertEqual(moved("ec2metaproxy_requests_total", route="token", status="200"), 1)
+        self.assertEqual(moved("ec2metaproxy_request_duration_seconds_count", route="iam"), 3)
+        self.assertEqual(moved("ec2metaproxy_imds_tokens_issued_total"), 1)
+        self.assertEqual(moved("ec2metaproxy_imds_tokens_refused_total", reason="request"), 1)
+        self.assertEqual(moved("ec2metaproxy_imds_tokens_refused_total", reason="read"), 1)
+        self.assertEqual(moved("ec2metaproxy_credentials_served_total"), 3)
+        self.assertEqual(moved("ec2metaproxy_credential_cache_hits_total")
+                         + moved("ec2metaproxy_credential_cache_misses_total"), 3)
+        self.assertGreaterEqual(moved("ec2metaproxy_credential_cache_hits_total"), 2)   # web-1's, prefetched
+        self.assertEqual(after("ec2metaproxy_sts_calls_total", alias="web", outcome="success"), 1)
+        self.assertEqual(after("ec2metaproxy_sts_calls_total", alias="db", outcome="success"), 1)
+        self.assertEqual(after("ec2metaproxy_sts_call_duration_seconds_count", alias="db"), 1)
+        self.assertGreaterEqual(moved("ec2metaproxy_docker_events_total"), 1)   # db-1's start
+        self.assertEqual(after("ec2metaproxy_containers_known"), 3)
+        self.assertEqual(after("ec2metaproxy_sts_throttles_total"), 0)
+        self.assertEqual(after("ec2metaproxy_connections_refused_total"), 0)
+
+    def test_readyz_names_the_failing_part(self):
+        STS.deny = {arn("web-role")}
+        self.start()
+        self.assertTrue(wait_until(lambda: STS.assume_calls() >= 1, timeout=10))
+
+        def readiness():
+            status, headers, body = admin_get(self.fx.proxy, "/readyz")
+            self.assertEqual(headers["content-type"], "application/json")
+            return status, json.loads(body)
+        self.assertTrue(wait_until(lambda: readiness()[1]["failing"] == ["sts"], timeout=5), readiness())
+        status, ready = readiness()
+        self.assertEqual(status, 503)
+        self.assertEqual((ready["ready"], ready["failing"]), (False, ["sts"]))
+        self.assertEqual(ready["sts"]["aliases"]["web"]["last_error"], "AccessDenied")
+        self.assertEqual(ready["sts"]["failing_aliases"], {"web": "AccessDenied"})
+        self.assertIsNone(ready["sts"]["aliases"]["web"]["last_success"])
+        self.assertEqual(self.scrape()("ec2metaproxy_sts_calls_total", alias="web", outcome="AccessDenied"),
+                         STS.assume_calls())
+        web = [entry for entry in json.loads(admin_get(self.fx.proxy, "/containers")[2])["containers"]
+               if entry["name"] == "web-1"][0]
+        self.assertEqual((web["sts_error"], web["access_key_id"]), ("AccessDenied", None))
+        web_1 = web["id"]
+        # STS keeps refusing web-role; db-1 succeeds meanwhile: web-1's failure still counts.
+        self.docker.add_container("db-1", ["127.0.0.5"], labels={"ec2metaproxy.RoleAlias": "db"})
+        self.assertTrue(wait_until(lambda: self.fx.proxy.index.lookup("127.0.0.5") is not None))
+        self.assertEqual(self.fx.credentials("127.0.0.5", "db-role")[0], 200)
+        status, ready = readiness()
+        self.assertEqual((status, ready["sts"]["failing_aliases"]), (503, {"web": "AccessDenied"}))
+        self.assertIsNotNone(ready["sts"]["aliases"]["db"]["last_success"])
+        self.docker.remove_container(web_1)   # gone: its failure no longer counts
+        self.assertTrue(wait_until(lambda: readiness()[0] == 200, timeout=5), readiness())
+        status, ready = readiness()
+        self.assertEqual((status, ready["ready"], ready["failing"]), (200, True, []), ready)
+        self.assertEqual(ready["sts"]["failing_aliases"], {})
+        self.assertEqual(ready["sts"]["aliases"]["web"]["last_error"], "AccessDenied")   # still reported
+        self.assertEqual(ready["containers_known"], 2)
+        self.assertEqual(ready["docker"]["reachable"], True)
+        self.assertEqual(ready["docker"]["following_events"], True)
+        self.assertGreaterEqual(ready["docker"]["seconds_since_event_or_listing"], 0)
+        self.assertEqual(ready["metadata"], {"ok": True, "mock": False, "reachable": True})
+        self.assertEqual(ready["credentials"]["closer_to_expiry_than_floor"], 0)
+        self.docker.stop()   # the daemon goes away
+        self.assertTrue(wait_until(lambda: "docker" in readiness()[1]["failing"], timeout=10))
+        status, ready = readiness()
+        self.assertEqual(status, 503)
+        self.assertEqual(ready["docker"]["following_events"], False)
+        self.assertGreaterEqual(self.scrape()("ec2metaproxy_docker_event_stream_reconnects_total"), 1)
+
+    def test_throttling_is_counted_by_alias_and_outcome(self):
+        self.start()
+        self.assertTrue(wait_until(lambda: STS.assume_calls() >= 1, timeout=10))
+        STS.mode = "throttle"
+        self.docker.add_container("db-1", ["127.0.0.3"], labels={"ec2metaproxy.RoleAlias": "db"})
+        self.assertTrue(wait_until(lambda: self.scrape()("ec2metaproxy_sts_throttles_total") >= 1, timeout=10))
+        metric = self.scrape()
+        self.assertGreaterEqual(metric("ec2metaproxy_sts_calls_total", alias="db", outcome="Throttling"), 1)
+        self.assertEqual(metric("ec2metaproxy_sts_calls_total", alias="db", outcome="success"), 0)
+
+    def test_credentials_close_to_expiry_make_it_unready(self):
+        clock = FakeClock()
+        fx = ProxyFixture(clock=clock, adminListen="127.0.0.1:0")
+        self.addCleanup(fx.stop)
+        fx.docker.add_container("web-1", ["127.0.0.2"], labels={"ec2metaproxy.RoleAlias": "web"}, emit=False)
+        fx.start()
+        self.assertEqual(fx.credentials("127.0.0.2", "web-role")[0], 200)
+        self.assertEqual(json.loads(admin_get(fx.proxy, "/readyz")[2])["credentials"]["closer_to_expiry_than_floor"],
+                         0)
+        fx.proxy.credentials.stop()   # no refresh: what the floor guards against
+        clock.now += 3600 - 1700   # an hour-long session with 1700 s left, under the 1800 s floor
+        status, _, body = admin_get(fx.proxy, "/readyz")
+        ready = json.loads(body)
+        self.assertEqual((status, ready["failing"]), (503, ["credentials"]))
+        self.assertEqual(ready["credentials"]["closer_to_expiry_than_floor"], 1)
+
+    def test_containers_shows_decisions_and_never_a_secret_or_token(self):
+        self.start()
+        status, _, token = self.fx.request("/latest/api/token", "127.0.0.2", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        self.assertEqual(status, 200)
+        status, _, body = self.fx.request("/latest/meta-data/iam/security-credentials/web-role", "127.0.0.2",
+                                          headers={"X-aws-ec2-metadata-token": token})
+        self.assertEqual(status, 200)
+        creds = json.loads(body)
+        answers = {path: admin_get(self.fx.proxy, path)[2] for path in ("/containers", "/metrics", "/readyz")}
+        for path, text in answers.items():
+            for secret in (creds["SecretAccessKey"], creds["Token"], token):
+                self.assertNotIn(secret, text, path)
+        listing = json.loads(answers["/containers"])
+        self.assertEqual(listing["count"], 2)
+        by_name = {entry["name"]: entry for entry in listing["containers"]}
+        self.assertEqual(by_name["web-1"]["alias"], "web")
+        self.assertEqual(by_name["web-1"]["role_arn"], arn("web-role"))
+        self.assertEqual(by_name["web-1"]["session_name"], "web-1")
+        self.assertEqual(by_name["web-1"]["addresses"], ["127.0.0.2"])
+        self.assertEqual(by_name["web-1"]["image"], "busybox:latest")
+        self.assertEqual(by_name["web-1"]["access_key_id"], creds["AccessKeyId"])
+        self.assertEqual(by_name["web-1"]["expiration"], creds["Expiration"])
+        self.assertIsNone(by_name["web-1"]["refused"])
+        self.assertEqual(len(by_name["web-1"]["id"]), 64)
+        self.assertIsNone(by_name["typo-1"]["role_arn"])
+        self.assertIsNone(by_name["typo-1"]["access_key_id"])
+        self.assertIn("'nope', which is not in aliasToARN", by_name["typo-1"]["refused"])
+        self.assertIsNone(by_name["web-1"]["sts_error"])
+        self.assertEqual(set(by_name["web-1"]), {"id", "name", "image", "addresses", "networks", "alias", "role_arn",
+                                                 "session_name", "refused", "access_key_id", "expiration",
+                                                 "sts_error"})
+
+    def test_connections_refused_by_the_caps_are_counted(self):
+        fx = ProxyFixture(limits=emp.Limits(max_per_source=1), adminListen="127.0.0.1:0")
+        self.addCleanup(fx.stop)
+        fx.start()
+        with socket.create_connection(("127.0.0.1", fx.port), timeout=5, source_address=("127.0.0.7", 0)):
+            self.assertTrue(wait_until(lambda: fx.proxy.server.admission.total == 1))
+            self.assertEqual(fx.request("/latest/meta-data/instance-id", "127.0.0.7")[0], 429)
+        samples = metric_samples(admin_get(fx.proxy, "/metrics")[2])
+        self.assertEqual(samples[("ec2metaproxy_connections_refused_total", ())], 1)
+
+
+class TestReadinessOfTheMetadataService(unittest.TestCase):
+
+    def test_readyz_follows_the_metadata_service_going_and_coming_back(self):
+        STS.reset()
+        fx = ProxyFixture(adminListen="127.0.0.1:0")
+        self.addCleanup(fx.stop)
+        proxy = emp.Proxy(fx.config, upstream_recheck=0.1)
+        proxy.start()
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(proxy.shutdown, 2)
+
+        def metadata():
+            return json.loads(admin_get(proxy, "/readyz")[2])["metadata"]
+        self.assertTrue(wait_until(lambda: metadata()["ok"], timeout=5))
+        fx.imds.delay = 2.5   # answers later than the proxy waits (2 s): as good as gone
+        self.assertTrue(wait_until(lambda: not metadata()["ok"], timeout=10))
+        status, _, body = admin_get(proxy, "/readyz")
+        self.assertEqual((status, json.loads(body)["failing"]), (503, ["metadata"]))
+        fx.imds.delay = 0
+        self.assertTrue(wait_until(lambda: metadata()["ok"], timeout=10))
+
+
+class TestDroppedLogLines(unittest.TestCase):
+
+    def test_counted_and_never_reset_by_the_note_saying_so(self):
+        handler = emp.DroppingQueueHandler(capacity=2)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        self.addCleanup(root.removeHandler, handler)
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 0, "line", (), None)
+        for _ in range(5):
+            handler.enqueue(record)
+        self.assertEqual(emp.dropped_log_lines(), 3)
+        while not handler.queue.empty():
+            handler.queue.get_nowait()
+        handler.enqueue(record)   # room again: the "lines were dropped" note goes out and its count restarts
+        self.assertIn("were dropped", handler.queue.get_nowait().msg)
+        self.assertEqual(emp.dropped_log_lines(), 3)
+
+
+class TestAdminUnixSocket(ProxyTestCase):
+
+    def make_fixture(self):
+        self.socket_dir = tempfile.mkdtemp(prefix="emp-admin-")
+        self.addCleanup(shutil.rmtree, self.socket_dir, True)
+        self.path = os.path.join(self.socket_dir, "admin.sock")
+        return ProxyFixture(adminListen="unix://" + self.path)
+
+    def test_created_0600_answers_and_is_removed_on_shutdown(self):
+        with open(self.path, "w"):
+            pass   # not a socket: never removed for the operator
+        with self.assertRaisesRegex(emp.StartupError, r"^adminListen: cannot listen on unix://.*not a socket"):
+            self.start()
+        os.unlink(self.path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:   # another process's listener
+            other.bind(self.path)
+            other.listen()
+            with self.assertRaisesRegex(emp.StartupError, r"another process is listening on "):
+                self.start()
+            self.assertTrue(os.path.exists(self.path))
+        self.start()   # its socket file left behind, no longer answering: replaced
+        self.assertEqual(self.fx.proxy.admin_address, self.path)
+        mode = os.stat(self.path).st_mode
+        self.assertTrue(stat.S_ISSOCK(mode))
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
+        self.assertEqual(admin_get(self.fx.proxy, "/healthz")[::2], (200, "ok\n"))
+        status, _, body = admin_get(self.fx.proxy, "/readyz")
+        self.assertIn(status, (200, 503))
+        self.assertIn("docker", json.loads(body))
+        self.fx.proxy.shutdown(timeout=2)
+        self.assertFalse(os.path.exists(self.path))
+
+
+#####################################################################
 # main ##############################################################
 
 class TestRedaction(unittest.TestCase):
@@ -3746,6 +4155,40 @@ class TestMain(ProcessTestCase):
             process, logs = self.run_proxy(base_config(dockerHost="unix://" + not_a_socket.name))
             self.assertEqual(process.wait(20), 1)
         self.assertEqual(logs().strip(), f"ec2metaproxy: dockerHost: {not_a_socket.name} exists but is not a unix socket")
+
+
+class TestMainAdminListener(ProcessTestCase):
+    """adminListen in the running program: served from start-up, its socket gone after SIGTERM."""
+
+    def test_unix_socket_serves_and_is_removed_on_sigterm(self):
+        tmp = tempfile.mkdtemp(prefix="emp-admin-main-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "admin.sock")
+        process, logs = self.run_proxy(base_config(
+            listen=f"127.0.0.1:{free_port()}", adminListen="unix://" + path,
+            dockerHost="unix:///nonexistent/docker.sock", metadataURL=f"http://127.0.0.1:{free_port()}"))
+        self.assertTrue(wait_until(lambda: "admin listener on unix://" + path in logs(), timeout=15), logs())
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        conn = UnixHTTPConnection(path)
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        ready = json.loads(response.read())
+        conn.close()
+        self.assertEqual(response.status, 503)   # no Docker, no metadata service
+        self.assertIn("docker", ready["failing"])
+        self.assertIn("metadata", ready["failing"])
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_admin_port_in_use_is_a_one_line_error(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            process, logs = self.run_proxy(base_config(adminListen=f"127.0.0.1:{busy.getsockname()[1]}"))
+            self.assertEqual(process.wait(20), 1)
+        self.assertRegex(logs().strip(),
+                         r"^ec2metaproxy: adminListen: cannot listen on 127\.0\.0\.1:\d+: Address already in use$")
 
 
 #####################################################################

@@ -622,10 +622,13 @@ class ProxyFixture:
 class LogCapture:
     """Captures the proxy's log lines (through its own redacting formatter) for assertions."""
 
+    def __init__(self, formatter=None):
+        self.formatter = formatter or emp.RedactingFormatter("%(levelname)s %(message)s")
+
     def __enter__(self):
         self.stream = io.StringIO()
         self.handler = logging.StreamHandler(self.stream)
-        self.handler.setFormatter(emp.RedactingFormatter("%(levelname)s %(message)s"))
+        self.handler.setFormatter(self.formatter)
         emp.log.addHandler(self.handler)
         self.level = emp.log.level
         emp.log.setLevel(logging.DEBUG)
@@ -2414,6 +2417,123 @@ class TestRequireTokens(ProxyTestCase):
                                          headers={"X-aws-ec2-metadata-token": token})[2], "web-role")
 
 
+ALIAS = "ec2metaproxy.RoleAlias"
+CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
+
+
+class TestAudit(ProxyTestCase):
+    """One audit line per AccessKeyId newly handed to a container, one per refusal, never a secret."""
+
+    config = {"aliasToARN": {"web": arn("web-role"), "db": arn("db-role"),
+                             "billing": {"arn": arn("billing-role"),
+                                         "allow": {"images": ["registry.example/billing:*"]}}},
+              "defaultAlias": None}
+
+    def setUp(self):
+        super().setUp()
+        self.web = self.docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, image="nginx:1.25",
+                                             emit=False)
+
+    def token(self, source):
+        return self.fx.request("/latest/api/token", source, method="PUT",
+                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})[2]
+
+    @staticmethod
+    def lines(text, outcome):
+        return [line for line in text.splitlines() if line.startswith(f"INFO audit {outcome} ")]
+
+    def test_a_new_access_key_id_is_audited_once_with_every_field_in_text_and_json(self):
+        self.start()
+        with LogCapture() as logs, LogCapture(emp.JsonFormatter()) as json_logs:
+            token = self.token("127.0.0.2")
+            status, creds = self.fx.credentials("127.0.0.2", "web-role")
+            self.assertEqual(status, 200)
+            self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"], creds["AccessKeyId"])
+            status, _, body = self.fx.request(CREDENTIALS + "web-role", "127.0.0.2",
+                                              headers={"X-aws-ec2-metadata-token": token})
+            self.assertEqual(json.loads(body)["AccessKeyId"], creds["AccessKeyId"])
+        self.assertEqual(self.lines(logs.text, "granted"), [
+            f'INFO audit granted container="{self.web}" name="web-1" image="nginx:1.25" alias="web" '
+            f'role="{arn("web-role")}" session="web-1" access_key_id="{creds["AccessKeyId"]}" '
+            f'expiration="{creds["Expiration"]}" source="127.0.0.2" imds="v1" reason="-"'])
+        records = [json.loads(line) for line in json_logs.text.splitlines()]   # every line is one object
+        audits = [record for record in records if record.get("event") == "audit"]
+        self.assertEqual(len(audits), 1, audits)
+        self.assertEqual({key: value for key, value in audits[0].items() if key not in ("time", "message")}, {
+            "level": "INFO", "logger": "ec2metaproxy", "event": "audit", "outcome": "granted",
+            "container_id": self.web, "container_name": "web-1", "image": "nginx:1.25", "alias": "web",
+            "role_arn": arn("web-role"), "session_name": "web-1", "access_key_id": creds["AccessKeyId"],
+            "expiration": creds["Expiration"], "source": "127.0.0.2", "imds": "v1", "reason": "-"})
+        self.assertRegex(audits[0]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        access = [record for record in records if record.get("event") == "access"]
+        self.assertIn({"source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+                       "path": CREDENTIALS + "web-role", "status": 200},
+                      [{key: record[key] for key in ("source", "container", "role", "method", "path", "status")}
+                       for record in access])
+        self.assertTrue(all(isinstance(record["ms"], float) for record in access))
+        for secret in (creds["SecretAccessKey"], creds["Token"], token):
+            for text in (logs.text, json_logs.text):
+                self.assertNotIn(secret, text)
+                self.assertNotIn(secret[:20], text)
+
+    def test_every_refusal_is_audited_with_its_reason(self):
+        STS.deny = {arn("db-role")}
+        self.docker.add_container("typo-1", ["127.0.0.3"], labels={ALIAS: "wbe"}, emit=False)
+        self.docker.add_container("evil-1", ["127.0.0.4"], labels={ALIAS: "billing"}, image="evil/billing:1",
+                                  emit=False)
+        self.docker.add_container("plain-1", ["127.0.0.5"], emit=False)
+        self.docker.add_container("db-1", ["127.0.0.6"], labels={ALIAS: "db"}, emit=False)
+        self.start()
+        with LogCapture() as logs:
+            for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.7"):
+                self.assertEqual(self.fx.request(CREDENTIALS, source)[0], 404, source)
+            self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.5",
+                                             headers={"X-aws-ec2-metadata-token": self.token("127.0.0.5")})[0], 404)
+            self.assertEqual(self.fx.credentials("127.0.0.6", "db-role")[0], 503)
+            self.assertEqual(self.fx.credentials("127.0.0.2", "db-role")[0], 404)
+        refused = self.lines(logs.text, "refused")
+        expected = [
+            r'name="typo-1" image="busybox:latest" alias="-" role="-" session="-" access_key_id="-" '
+            r'expiration="-" source="127\.0\.0\.3" imds="v1" reason="label ec2metaproxy\.RoleAlias names '
+            r"alias 'wbe', which is not in aliasToARN\"$",
+            r'name="evil-1" image="evil/billing:1" alias="billing" .* source="127\.0\.0\.4" imds="v1" '
+            r"reason=\"alias 'billing' is not allowed for it by its allow rule \(image 'evil/billing:1' matches none",
+            r'name="plain-1" .* source="127\.0\.0\.5" imds="v1" reason="no role label and no defaultAlias"$',
+            r'container="-" name="-" image="-" alias="-" .* source="127\.0\.0\.7" imds="v1" '
+            r'reason="no container at this address"$',
+            r'name="plain-1" .* source="127\.0\.0\.5" imds="v2" reason="no role label and no defaultAlias"$',
+            rf'name="db-1" image="busybox:latest" alias="db" role="{re.escape(arn("db-role"))}" session="db-1" '
+            r'access_key_id="-" expiration="-" source="127\.0\.0\.6" imds="v1" reason="STS error AccessDenied"$',
+            rf'name="web-1" image="nginx:1\.25" alias="web" role="{re.escape(arn("web-role"))}" .* '
+            r'reason="asked for role db-role, not its own"$',
+        ]
+        self.assertEqual(len(refused), len(expected), logs.text)
+        for line, pattern in zip(refused, expected):
+            self.assertRegex(line, pattern)
+        self.assertEqual(self.lines(logs.text, "granted"), [])
+
+
+class TestAuditMemory(unittest.TestCase):
+    """Audit on its own: a line per AccessKeyId new to a container, and nothing kept once it is gone."""
+
+    def creds(self, access_key_id):
+        return emp.Credentials.issue(access_key_id, "secret", "token", 2000000000.0, 1000.0, ACCOUNT)
+
+    def test_a_line_when_the_key_changes_and_none_when_it_does_not(self):
+        audit = emp.Audit()
+        web = container("web-1", cid="a" * 64)
+        decision = emp.RoleResolver(emp.parse_config(base_config())).decision_for(web)
+        with LogCapture() as logs:
+            for key in ("ASIAFIRSTKEY00000001", "ASIAFIRSTKEY00000001", "ASIASECONDKEY0000002", "ASIASECONDKEY0000002"):
+                audit.handed("127.0.0.2", "v2", web, decision, self.creds(key))
+            self.assertEqual(len(audit), 1)
+            audit.forget([web.id])
+            self.assertEqual(len(audit), 0)
+            audit.handed("127.0.0.2", "v2", web, decision, self.creds("ASIASECONDKEY0000002"))
+        self.assertEqual(re.findall(r'access_key_id="(\S+)"', logs.text),
+                         ["ASIAFIRSTKEY00000001", "ASIASECONDKEY0000002", "ASIASECONDKEY0000002"])
+
+
 #####################################################################
 # HTTP server #######################################################
 
@@ -3219,6 +3339,38 @@ class TestRedaction(unittest.TestCase):
                                    (self.KEPT[1], self.KEPT[0], self.SECRETS[0]), None)
         line = formatter.format(record)
         self.assertEqual(line, f"INFO assumed {self.KEPT[1]} for {self.KEPT[0]}: [redacted]")
+
+
+class TestJsonFormatter(unittest.TestCase):
+    """logFormat "json": one object a line, fixed field names, redacted like a text line."""
+
+    def test_a_plain_line_has_time_level_logger_message_and_secrets_redacted(self):
+        formatter = emp.log_formatter("json")
+        record = logging.LogRecord("ec2metaproxy", logging.WARNING, __file__, 1, "key %s for %s",
+                                   (TestRedaction.SECRETS[0], "web-1"), None)
+        record.created, record.msecs = 1700000000.25, 250.0
+        line = formatter.format(record)
+        self.assertNotIn("\n", line)
+        self.assertEqual(json.loads(line), {"time": "2023-11-14T22:13:20.250Z", "level": "WARNING",
+                                            "logger": "ec2metaproxy", "message": "key [redacted] for web-1"})
+
+    def test_an_access_line_carries_its_fields_and_an_exception_its_text(self):
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 0, "%s %s %s %s %s %d %.1fms",
+                                   ("127.0.0.2", "web-1", "web-role", "GET", "/latest/meta-data/", 200, 1.234),
+                                   None)
+        record.fields, record.event = emp.ACCESS_FIELDS, "access"
+        fields = json.loads(emp.JsonFormatter().format(record))
+        self.assertEqual({key: value for key, value in fields.items() if key != "time"}, {
+            "level": "INFO", "logger": "ec2metaproxy", "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/ 200 1.2ms",
+            "event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+            "path": "/latest/meta-data/", "status": 200, "ms": 1.2})
+        try:
+            raise ValueError(TestRedaction.SECRETS[0])
+        except ValueError:
+            record = logging.LogRecord("ec2metaproxy", logging.ERROR, __file__, 0, "failed", (), sys.exc_info())
+        fields = json.loads(emp.JsonFormatter().format(record))
+        self.assertIn("ValueError: [redacted]", fields["exception"])
+        self.assertEqual(emp.log_formatter("text").format(record).splitlines()[0][-13:], " ERROR failed")
 
 
 class TestDroppingQueueHandler(unittest.TestCase):

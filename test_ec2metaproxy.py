@@ -3436,6 +3436,80 @@ class TestProxy(unittest.TestCase):
         self.assertNotIn("AWS_EC2_METADATA_DISABLED", os.environ)
 
 
+class TestReload(ProxyTestCase):
+    """Proxy.reload: a validated config swapped in whole; changed roles re-decided, other caches kept."""
+
+    def setUp(self):
+        super().setUp()
+        self.web = self.docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, emit=False)
+        self.db = self.docker.add_container("db-1", ["127.0.0.3"], labels={ALIAS: "db"}, emit=False)
+        self.start()
+
+    def reload(self, **changes):
+        data = dict(self.fx.config_data, **changes)
+        with LogCapture() as logs:
+            in_force = self.fx.proxy.reload(emp.parse_config(data))
+        return in_force, logs.text
+
+    def assumed(self, role_arn):
+        return [form for form in list(STS.requests) if form.get("RoleArn") == role_arn]
+
+    def test_a_changed_alias_gets_its_containers_new_credentials_and_the_others_keep_theirs(self):
+        web_before = self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"]
+        db_before = self.fx.credentials("127.0.0.3", "db-role")[1]["AccessKeyId"]
+        db_calls = len(self.assumed(arn("db-role")))
+        aliases = dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2"))
+        _, logs = self.reload(aliasToARN=aliases)
+        self.assertIn(f"config reloaded: 3 aliases; 1 of 2 containers changed role; "
+                      f"web-1: {arn('web-role')} -> {arn('web-role-2')}", logs)
+        # Prefetched by the reload, before any request asks for it.
+        self.assertTrue(wait_until(lambda: self.fx.proxy.credentials.counts()["fetched"] == 2, timeout=5))
+        self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 2)   # web-role's were dropped
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role-2")
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 404)
+        status, creds = self.fx.credentials("127.0.0.2", "web-role-2")
+        self.assertEqual(status, 200)
+        self.assertNotEqual(creds["AccessKeyId"], web_before)
+        self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[1]["AccessKeyId"], db_before)
+        self.assertEqual(len(self.assumed(arn("db-role"))), db_calls)
+        self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
+
+    def test_an_allow_rule_added_by_a_reload_takes_the_role_away(self):
+        self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[0], 200)
+        aliases = dict(self.fx.config_data["aliasToARN"], db={"arn": arn("db-role"),
+                                                              "allow": {"images": ["postgres:*"]}})
+        _, logs = self.reload(aliasToARN=aliases)
+        self.assertIn(f"db-1: {arn('db-role')} -> none", logs)
+        self.assertRegex(logs, r"container db-1 .* gets no credentials: alias 'db' is not allowed")
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.3")[0], 404)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 1)   # web's only
+
+    def test_restart_only_keys_are_refused_with_a_line_and_the_rest_applies(self):
+        port = self.fx.port
+        in_force, logs = self.reload(listen="127.0.0.1:1", dockerHost="unix:///elsewhere.sock", requireTokens=True)
+        self.assertIn("config reload: listen cannot change without a restart; it stays as it was", logs)
+        self.assertIn("config reload: dockerHost cannot change without a restart; it stays as it was", logs)
+        self.assertEqual(in_force.listen, ("127.0.0.1", 0))
+        self.assertEqual(in_force.docker_socket, self.docker.socket_path)
+        self.assertTrue(in_force.require_tokens)
+        self.assertEqual(self.fx.proxy.address[1], port)
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[0], 401)   # requireTokens is in force
+
+    def test_a_config_file_that_fails_validation_leaves_the_running_config(self):
+        path = os.path.join(self.fx.tmp, "config.json")
+        for text, why in (('{"listen": ', "invalid JSON at line 1 column 12: Expecting value"),
+                          (json.dumps(dict(self.fx.config_data, defaultAlias="nope")),
+                           "defaultAlias: 'nope' is not an alias in aliasToARN")):
+            with open(path, "w") as handle:
+                handle.write(text)
+            with LogCapture() as logs:
+                in_force = self.fx.proxy.reload_from(path)
+            self.assertIs(in_force, self.fx.config)
+            self.assertEqual(logs.text, f"ERROR config reload failed, keeping the running config: {path}: {why}\n")
+            self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role")
+
+
 class TestStsRegion(unittest.TestCase):
     """Which STS endpoint the proxy calls: the config's, the environment's, else the instance's region."""
 

@@ -3662,6 +3662,52 @@ class TestMain(ProcessTestCase):
         except OSError:
             return False
 
+    def test_sighup_reloads_the_config_file_and_every_line_is_json(self):
+        tmp = tempfile.mkdtemp(prefix="emp-main-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        docker = DockerStandIn(os.path.join(tmp, "docker.sock")).start()
+        self.addCleanup(docker.stop)
+        docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, emit=False)
+        port = free_port()
+        config = base_config(listen=f"127.0.0.1:{port}", dockerHost="unix://" + docker.socket_path,
+                             metadataURL=f"http://127.0.0.1:{free_port()}", logFormat="json")
+        process, logs = self.run_proxy(config)
+        path = process.args[process.args.index("-c") + 1]
+        self.assertTrue(wait_until(lambda: "listening on" in logs(), timeout=15), logs())
+
+        def role_listed():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+            try:
+                conn.request("GET", CREDENTIALS)
+                return conn.getresponse().read().decode()
+            finally:
+                conn.close()
+
+        def hang_up(text, expected):
+            with open(path, "w") as handle:
+                handle.write(text)
+            os.kill(process.pid, signal.SIGHUP)
+            self.assertTrue(wait_until(lambda: expected in logs(), timeout=10), logs())
+
+        self.assertEqual(role_listed(), "web-role")
+        hang_up('{"listen": "127.0.0.1:1", "aliasToARN": {}, "defaultAlias": null}', "config reload failed")
+        self.assertEqual(role_listed(), "web-role")
+        config.update(listen=f"127.0.0.1:{free_port()}", aliasToARN=dict(config["aliasToARN"], web=arn("web-role-2")))
+        hang_up(json.dumps(config), "config reloaded")
+        self.assertEqual(role_listed(), "web-role-2")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        lines = [json.loads(line) for line in logs().splitlines()]   # every line a JSON object
+        messages = [line["message"] for line in lines]
+        self.assertIn("received SIGHUP; reloading " + path, messages)
+        self.assertIn(f"config reload failed, keeping the running config: {path}: "
+                      f"aliasToARN: must name at least one alias", messages)
+        self.assertIn("config reload: listen cannot change without a restart; it stays as it was", messages)
+        self.assertIn(f"config reloaded: 3 aliases; 1 of 1 containers changed role; "
+                      f"web-1: {arn('web-role')} -> {arn('web-role-2')}", messages)
+        self.assertEqual([line["level"] for line in lines if line["message"].startswith("config reload")],
+                         ["ERROR", "WARNING", "INFO"])
+
     def test_sigint_exits_zero(self):
         port = free_port()
         process, logs = self.run_proxy(base_config(listen=f"127.0.0.1:{port}",

@@ -3534,7 +3534,7 @@ def alias_spec(config: Config, options: AliasOptions) -> RoleSpec:
     return RoleSpec(arn=options.arn, session_name=VALIDATION_SESSION,
                     policy=options.policy if options.policy is not None else config.default_policy,
                     external_id=options.external_id, policy_arns=options.policy_arns,
-                    tags=tuple(sorted((key, TAG_VALUE_CHARS.sub("-", render_template(value, stand_in))[:256] or "-")
+                    tags=tuple(sorted((key, TAG_VALUE_CHARS.sub("-", render_template(value, stand_in))[:256])
                                       for key, value in tags.items())),
                     duration=options.session_duration or config.session_duration)
 

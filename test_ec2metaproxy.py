@@ -749,6 +749,7 @@ class TestConfig(unittest.TestCase):
         self.assertFalse(config.verbose)
         self.assertEqual((config.sts_rate, config.sts_burst), (25.0, 10.0))
         self.assertEqual((config.session_scope, config.session_name), ("container", "{name}"))
+        self.assertEqual(config.log_format, "text")
         shared = emp.parse_config({"listen": ":18000", "aliasToARN": {"a": arn("a")}, "defaultAlias": None,
                                    "sessionScope": "role"})
         self.assertEqual(shared.session_name, "ec2metaproxy")
@@ -796,6 +797,7 @@ class TestConfig(unittest.TestCase):
             (dict(good, stsRate="25"), "stsRate: '25' is not a number"),
             (dict(good, stsBurst=True), "stsBurst: True is not a number of AssumeRole calls (at least 1)"),
             (dict(good, sessionScope="host"), "sessionScope: 'host' is not one of 'container', 'role'"),
+            (dict(good, logFormat="xml"), "logFormat: 'xml' is not one of 'text', 'json'"),
             (dict(good, sessionScope="role", sessionName="app-{name}"),
              "sessionName: {name} names the container, but with sessionScope 'role' containers share one session"),
             (dict(good, sessionScope="role", sessionName="{id}"), "sessionName: {id} names the container"),
@@ -3508,6 +3510,97 @@ class TestReload(ProxyTestCase):
             self.assertIs(in_force, self.fx.config)
             self.assertEqual(logs.text, f"ERROR config reload failed, keeping the running config: {path}: {why}\n")
             self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role")
+
+
+class TestCommands(unittest.TestCase):
+    """--explain and --validate-roles: run as main() runs them, printing to stdout, and exit."""
+
+    POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}
+
+    def setUp(self):
+        STS.reset()
+        self.tmp = tempfile.mkdtemp(prefix="emp-cmd-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
+        self.addCleanup(self.docker.stop)
+        self.config = base_config(dockerHost="unix://" + self.docker.socket_path, aliasToARN={
+            "default": arn("default-role"),
+            "web": {"arn": arn("web-role"), "externalId": "ext-1", "sessionDuration": 7200,
+                    "policyArns": ["arn:aws:iam::aws:policy/ReadOnlyAccess"], "sessionTags": {"team": "{label:team}"}},
+            "db": {"arn": arn("db-role"), "sessionDuration": 7200},
+            "billing": {"arn": arn("billing-role"), "policy": self.POLICY, "allow": {"images": ["billing/*"]}},
+        }, staticMappings={"10.1.0.0/16": "db"})
+
+    def run_main(self, *args):
+        path = os.path.join(self.tmp, "config.json")
+        with open(path, "w") as handle:
+            json.dump(self.config, handle)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = emp.main(["-c", path, *args])
+        return code, out.getvalue()
+
+    def test_explain_prints_the_decision_by_address_name_or_id_without_calling_sts(self):
+        web = self.docker.add_container("web-1", ["127.0.0.2"], image="nginx:1.25", emit=False, labels={
+            ALIAS: "web", "team": "payments", "ec2metaproxy.Policy": json.dumps(self.POLICY)})
+        self.docker.add_container("evil-1", ["127.0.0.3"], labels={ALIAS: "billing"}, image="evil/billing:1",
+                                  emit=False)
+        plain = self.docker.add_container("plain-1", ["127.0.0.4"], emit=False)
+        code, out = self.run_main("--explain", "127.0.0.2")
+        self.assertEqual((code, out.splitlines()), (0, [
+            f"container:       web-1 ({web[:12]})",
+            "image:           nginx:1.25",
+            "addresses:       127.0.0.2",
+            "rule:            label ec2metaproxy.RoleAlias",
+            "alias:           web",
+            f"role ARN:        {arn('web-role')}",
+            "session name:    web-1",
+            "duration:        7200s",
+            "external id:     set",
+            'policy:          {"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"*"}],'
+            '"Version":"2012-10-17"}',
+            "policy ARNs:     arn:aws:iam::aws:policy/ReadOnlyAccess",
+            "tags:            team=payments",
+            "source identity: -"]))
+        code, out = self.run_main("--explain", "evil-1")
+        self.assertEqual(code, 1)
+        self.assertIn("rule:            label ec2metaproxy.RoleAlias\nalias:           billing\n"
+                      "credentials:     none: alias 'billing' is not allowed for it by its allow rule "
+                      "(image 'evil/billing:1' matches none of ['billing/*'])\n", out)
+        code, out = self.run_main("--explain", plain[:12])
+        self.assertEqual(code, 0)
+        self.assertIn("rule:            defaultAlias\nalias:           default\n", out)
+        code, out = self.run_main("--explain", "10.1.2.3")
+        self.assertEqual(code, 0)
+        self.assertIn("rule:            staticMappings\nalias:           db\n", out)
+        self.assertEqual(self.run_main("--explain", "127.0.0.9"),
+                         (1, "127.0.0.9: no running container has this address, id or name\n"))
+        self.assertEqual(STS.assume_calls(), 0)
+
+    def test_explain_says_so_when_docker_cannot_be_asked(self):
+        self.docker.stop()
+        code, out = self.run_main("--explain", "127.0.0.2")
+        self.assertEqual(code, 2)
+        self.assertRegex(out, r"^ec2metaproxy: cannot list containers: .*docker\.sock")
+
+    def test_validate_roles_assumes_each_alias_with_its_options_and_prints_stss_answer(self):
+        STS.deny = {arn("web-role")}
+        STS.max_duration = {arn("db-role"): 3600}
+        code, out = self.run_main("--validate-roles")
+        self.assertEqual((code, out.splitlines()), (1, [
+            f"default  {arn('default-role')}  OK",
+            f"web      {arn('web-role')}  AccessDenied: not authorized to perform sts:AssumeRole",
+            f"db       {arn('db-role')}  ValidationError: The requested DurationSeconds exceeds the "
+            "MaxSessionDuration set for this role.",
+            f"billing  {arn('billing-role')}  OK"]))
+        sent = {form["RoleArn"]: form for form in STS.requests}
+        self.assertEqual(len(STS.requests), 4)   # one call each: no retry at a shorter duration
+        self.assertEqual((sent[arn("web-role")]["ExternalId"], sent[arn("web-role")]["DurationSeconds"],
+                          sent[arn("web-role")]["PolicyArns.member.1.arn"]),
+                         ("ext-1", "7200", "arn:aws:iam::aws:policy/ReadOnlyAccess"))
+        self.assertEqual(json.loads(sent[arn("billing-role")]["Policy"]), self.POLICY)
+        STS.reset()
+        self.assertEqual(self.run_main("--validate-roles")[0], 0)
 
 
 class TestStsRegion(unittest.TestCase):

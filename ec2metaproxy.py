@@ -705,9 +705,9 @@ class ContainerIndex:
     def get(self, container_id: str) -> Optional[Container]:
         return self._by_id.get(container_id)
 
-    def containers(self) -> List[Container]:
-        """Every container Docker reported running (a copy)."""
-        return list(self._by_id.values())
+    def containers(self, static: bool = False) -> List[Container]:
+        """Every container Docker reported running (a copy); with static, the staticMappings stand-ins too."""
+        return list(self._by_id.values()) + (list(self._static.values()) if static else [])
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -3442,7 +3442,8 @@ class Proxy:
             roles = RoleResolver(new)
             old_roles = self.service.settings.roles
             changes = []
-            for container in self.index.containers():
+            decided = self.index.containers(static=True)
+            for container in decided:
                 before, after = old_roles.provisional(container), roles.role_for(container)
                 if before != after:
                     changes.append((container, before, after))
@@ -3456,7 +3457,7 @@ class Proxy:
                 if before is not None:
                     self.credentials.forget(container.id, before)
             log.info("config reloaded: %d aliases; %d of %d containers changed role%s", len(new.alias_to_arn),
-                     len(changes), len(self.index), "".join(
+                     len(changes), len(decided), "".join(
                          f"; {c.name}: {b.arn if b else 'none'} -> {a.arn if a else 'none'}"
                          for c, b, a in changes[:10]))
             return new

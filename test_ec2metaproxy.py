@@ -3441,6 +3441,8 @@ class TestProxy(unittest.TestCase):
 class TestReload(ProxyTestCase):
     """Proxy.reload: a validated config swapped in whole; changed roles re-decided, other caches kept."""
 
+    config = {"staticMappings": {"127.0.1.0/24": "web"}}
+
     def setUp(self):
         super().setUp()
         self.web = self.docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, emit=False)
@@ -3477,6 +3479,16 @@ class TestReload(ProxyTestCase):
         self.assertEqual(len(self.assumed(arn("db-role"))), db_calls)
         self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
 
+    def test_a_static_mapping_stand_in_is_decided_again_too(self):
+        self.assertEqual(self.fx.credentials("127.0.1.5", "web-role")[0], 200)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)
+        _, logs = self.reload(aliasToARN=dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2")))
+        self.assertIn("config reloaded: 3 aliases; 2 of 3 containers changed role; ", logs)
+        self.assertIn(f"static-127.0.1.5: {arn('web-role')} -> {arn('web-role-2')}", logs)
+        self.assertTrue(wait_until(lambda: len(self.assumed(arn("web-role-2"))) == 2, timeout=5))
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)   # none left for web-role
+        self.assertEqual(self.fx.credentials("127.0.1.5", "web-role-2")[0], 200)
+
     def test_an_allow_rule_added_by_a_reload_takes_the_role_away(self):
         self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[0], 200)
         aliases = dict(self.fx.config_data["aliasToARN"], db={"arn": arn("db-role"),
@@ -3508,7 +3520,8 @@ class TestReload(ProxyTestCase):
             with LogCapture() as logs:
                 in_force = self.fx.proxy.reload_from(path)
             self.assertIs(in_force, self.fx.config)
-            self.assertEqual(logs.text, f"ERROR config reload failed, keeping the running config: {path}: {why}\n")
+            self.assertEqual([line for line in logs.text.splitlines() if "config reload" in line],
+                             [f"ERROR config reload failed, keeping the running config: {path}: {why}"])
             self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role")
 
 

@@ -1999,11 +1999,15 @@ class ContainerLifecycle:
 
     def __init__(self, roles: RoleResolver, credentials: CredentialCache,
                  clock: Callable[[], float] = time.monotonic, audit: Optional[Audit] = None):
-        self.roles = roles   # replaced whole by a reload
+        self.roles = roles   # replaced whole by a reload (reconfigure)
         self._credentials = credentials
         self._audit = audit
         self._clock = clock
         self._lock = threading.Lock()
+        # Held while containers are decided and their fetches queued, so that a container
+        # starting during a reload is decided under the old roles and then seen by the reload,
+        # or under the new ones: never left with the old role's credentials.
+        self._deciding = threading.Lock()
         self._early: Dict[str, Tuple[RoleSpec, float]] = {}   # container id -> create-time role, when
 
     def created(self, container: Container) -> None:
@@ -2027,16 +2031,34 @@ class ContainerLifecycle:
                      if container.id in self._early}
         for container_id in removed:
             self._credentials.drop_container(container_id)
-        roles = self.roles
-        roles.forget(removed)
         if self._audit is not None:
             self._audit.forget(removed)
-        for container in added:
-            spec = roles.role_for(container)
-            if spec is not None:
-                self._credentials.prefetch(container.id, container.name, spec)
-            if container.id in early and early[container.id] != spec:
-                self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
+        with self._deciding:
+            roles = self.roles
+            roles.forget(removed)
+            for container in added:
+                spec = roles.role_for(container)
+                if spec is not None:
+                    self._credentials.prefetch(container.id, container.name, spec)
+                if container.id in early and early[container.id] != spec:
+                    self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
+
+    def reconfigure(self, roles: RoleResolver, containers: List[Container]) -> List[Tuple[Container, Optional[RoleSpec], Optional[RoleSpec]]]:
+        """A reload: decide every known container under the new roles; one whose role changed gets
+        the new role's credentials prefetched and the old ones dropped. Returns (container, old, new)."""
+        with self._deciding:
+            old, self.roles = self.roles, roles
+            changes = []
+            for container in containers:
+                before, after = old.provisional(container), roles.role_for(container)
+                if before != after:
+                    changes.append((container, before, after))
+            for container, before, after in changes:
+                if after is not None:
+                    self._credentials.prefetch(container.id, container.name, after)
+                if before is not None:
+                    self._credentials.forget(container.id, before)
+        return changes
 
     def _stale_locked(self) -> List[Tuple[str, RoleSpec]]:
         # Created and never started (or its start was missed): stop refreshing for it.
@@ -3440,22 +3462,12 @@ class Proxy:
                     kept[field] = getattr(old, field)
             new = dataclasses.replace(new, **kept)
             roles = RoleResolver(new)
-            old_roles = self.service.settings.roles
-            changes = []
-            decided = self.index.containers(static=True)
-            for container in decided:
-                before, after = old_roles.provisional(container), roles.role_for(container)
-                if before != after:
-                    changes.append((container, before, after))
-            # One assignment puts every request-time setting in force (ServiceSettings).
+            # One assignment puts every request-time setting in force (ServiceSettings); requests
+            # first, so none asks for the old roles' credentials once they are dropped.
             self.service.settings = ServiceSettings(roles, new.require_tokens)
-            self.lifecycle.roles = roles
+            decided = self.index.containers(static=True)
+            changes = self.lifecycle.reconfigure(roles, decided)
             self.roles, self.config = roles, new
-            for container, before, after in changes:
-                if after is not None:
-                    self.credentials.prefetch(container.id, container.name, after)
-                if before is not None:
-                    self.credentials.forget(container.id, before)
             log.info("config reloaded: %d aliases; %d of %d containers changed role%s", len(new.alias_to_arn),
                      len(changes), len(decided), "".join(
                          f"; {c.name}: {b.arn if b else 'none'} -> {a.arn if a else 'none'}"

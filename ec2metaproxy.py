@@ -1180,6 +1180,7 @@ class Decision(NamedTuple):
     alias: str = "-"
     rule: str = "-"
     reason: str = ""
+    arn: str = "-"   # the alias's role, even when it is refused
 
 
 NO_ALIAS = "no role label and no defaultAlias"   # configured to get nothing: not worth a warning
@@ -1239,11 +1240,12 @@ class RoleResolver:
             failure = allow_failure(choice.options.allow, container)
             if failure:
                 return Decision(None, choice.alias, choice.rule,
-                                f"alias {choice.alias!r} is not allowed for it by its allow rule ({failure})")
+                                f"alias {choice.alias!r} is not allowed for it by its allow rule ({failure})",
+                                choice.options.arn)
         policy, reason = self._policy(container, choice)
         if reason:
-            return Decision(None, choice.alias, choice.rule, reason)
-        return Decision(self._spec(container, choice, policy), choice.alias, choice.rule)
+            return Decision(None, choice.alias, choice.rule, reason, choice.options.arn)
+        return Decision(self._spec(container, choice, policy), choice.alias, choice.rule, "", choice.options.arn)
 
     def _choose(self, container: Container) -> Tuple[Optional[RoleChoice], str]:
         """The alias: a static mapping's, the label's, IAM_ROLE's (if envRoles) or the default."""
@@ -1978,7 +1980,7 @@ class Audit:
         spec = decision.spec
         args = (outcome, container.id if container else "-", container.name if container else "-",
                 (container.image or "-") if container else "-", decision.alias,
-                spec.arn if spec else "-", spec.session_name if spec else "-",
+                decision.arn, spec.session_name if spec else "-",
                 access_key_id, expiration, source, imds, reason)
         record = logging.LogRecord(log.name, logging.INFO, __file__, 0, AUDIT_TEXT, args, None)
         record.fields = AUDIT_FIELDS
@@ -3522,11 +3524,12 @@ def explain(config: Config, target: str, out) -> int:
     decision = RoleResolver(config).explain(container)
     spec = decision.spec
     rows = [("container", f"{container.name} ({container.short_id})"), ("image", container.image or "-"),
-            ("addresses", " ".join(container.ips) or "-"), ("rule", decision.rule), ("alias", decision.alias)]
+            ("addresses", " ".join(container.ips) or "-"), ("rule", decision.rule), ("alias", decision.alias),
+            ("role ARN", decision.arn)]
     if spec is None:
         rows.append(("credentials", f"none: {decision.reason}"))
     else:
-        rows += [("role ARN", spec.arn), ("session name", spec.session_name),
+        rows += [("session name", spec.session_name),
                  ("duration", f"{spec.duration}s"), ("external id", "set" if spec.external_id else "-"),
                  ("policy", spec.policy or "-"), ("policy ARNs", " ".join(spec.policy_arns) or "-"),
                  ("tags", " ".join(f"{key}={value}" for key, value in spec.tags) or "-"),

@@ -2498,7 +2498,8 @@ class TestAudit(ProxyTestCase):
             r'name="typo-1" image="busybox:latest" alias="-" role="-" session="-" access_key_id="-" '
             r'expiration="-" source="127\.0\.0\.3" imds="v1" reason="label ec2metaproxy\.RoleAlias names '
             r"alias 'wbe', which is not in aliasToARN\"$",
-            r'name="evil-1" image="evil/billing:1" alias="billing" .* source="127\.0\.0\.4" imds="v1" '
+            rf'name="evil-1" image="evil/billing:1" alias="billing" role="{re.escape(arn("billing-role"))}" '
+            r'session="-" access_key_id="-" expiration="-" source="127\.0\.0\.4" imds="v1" '
             r"reason=\"alias 'billing' is not allowed for it by its allow rule \(image 'evil/billing:1' matches none",
             r'name="plain-1" .* source="127\.0\.0\.5" imds="v1" reason="no role label and no defaultAlias"$',
             r'container="-" name="-" image="-" alias="-" .* source="127\.0\.0\.7" imds="v1" '
@@ -3578,6 +3579,7 @@ class TestCommands(unittest.TestCase):
         code, out = self.run_main("--explain", "evil-1")
         self.assertEqual(code, 1)
         self.assertIn("rule:            label ec2metaproxy.RoleAlias\nalias:           billing\n"
+                      f"role ARN:        {arn('billing-role')}\n"
                       "credentials:     none: alias 'billing' is not allowed for it by its allow rule "
                       "(image 'evil/billing:1' matches none of ['billing/*'])\n", out)
         code, out = self.run_main("--explain", plain[:12])

@@ -9,7 +9,8 @@ answers the credential paths with that container's own role, assumed with STS
 ahead of time, answers IMDSv2 tokens itself and forwards every other metadata
 path to the real IMDS. It never hands out the host's credentials.
 
-Run:   python3 ec2metaproxy.py -c config.json
+Run:   python3 ec2metaproxy.py -c config.json   (SIGHUP reloads the file, SIGTERM stops)
+       ... --check | --explain ADDRESS_OR_CONTAINER | --validate-roles   (print, and exit)
 Needs: Python 3.9+ standard library, and boto3 for STS.
 Licence: MIT (see LICENSE).
 """

@@ -1946,9 +1946,12 @@ class Audit:
     """Writes one line each time a container is handed an AccessKeyId it had not been handed, and
     one per refusal; never a secret key, a session token or an IMDSv2 token."""
 
-    def __init__(self):
+    def __init__(self, remembered: int = 65536):
         self._handed: Dict[str, str] = {}   # container id -> the AccessKeyId it was last handed
         self._lock = threading.Lock()
+        # staticMappings stand-ins are never removed: a wide range must not grow memory. At
+        # worst, forgetting costs a repeated line.
+        self._remembered = remembered
 
     def handed(self, source: str, imds: str, container: Container, decision: "Decision",
                creds: Credentials) -> None:
@@ -1958,6 +1961,8 @@ class Audit:
         with self._lock:
             if self._handed.get(container.id) == creds.access_key_id:
                 return
+            if len(self._handed) >= self._remembered:
+                self._handed.clear()
             self._handed[container.id] = creds.access_key_id
         self._write("granted", source, imds, container, decision, creds.access_key_id,
                     iso8601(creds.expiration), "-")
@@ -2605,7 +2610,9 @@ class MetadataService:
 
     def refuse(self, request: Request, path: str, match, deadline: float) -> Answer:
         """meta-data/identity-credentials/: the instance's own identity, never given to a container."""
-        self.authorize(request)
+        container = self.authorize(request) or self.index.lookup(request.source)
+        self.audit.refused(request.source, imds_version(request), container,
+                           NO_CALLER if container is None else Decision(None), "identity-credentials are the host's")
         raise HttpError(404, "identity credentials are the host's")
 
     def forward(self, request: Request, path: str, match, deadline: float) -> Answer:

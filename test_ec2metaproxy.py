@@ -2493,6 +2493,7 @@ class TestAudit(ProxyTestCase):
                                              headers={"X-aws-ec2-metadata-token": self.token("127.0.0.5")})[0], 404)
             self.assertEqual(self.fx.credentials("127.0.0.6", "db-role")[0], 503)
             self.assertEqual(self.fx.credentials("127.0.0.2", "db-role")[0], 404)
+            self.assertEqual(self.fx.request("/latest/meta-data/identity-credentials/ec2/info", "127.0.0.2")[0], 404)
         refused = self.lines(logs.text, "refused")
         expected = [
             r'name="typo-1" image="busybox:latest" alias="-" role="-" session="-" access_key_id="-" '
@@ -2509,6 +2510,8 @@ class TestAudit(ProxyTestCase):
             r'access_key_id="-" expiration="-" source="127\.0\.0\.6" imds="v1" reason="STS error AccessDenied"$',
             rf'name="web-1" image="nginx:1\.25" alias="web" role="{re.escape(arn("web-role"))}" .* '
             r'reason="asked for role db-role, not its own"$',
+            r'name="web-1" .* alias="-" role="-" .* source="127\.0\.0\.2" imds="v1" '
+            r'reason="identity-credentials are the host\'s"$',
         ]
         self.assertEqual(len(refused), len(expected), logs.text)
         for line, pattern in zip(refused, expected):
@@ -2535,6 +2538,14 @@ class TestAuditMemory(unittest.TestCase):
             audit.handed("127.0.0.2", "v2", web, decision, self.creds("ASIASECONDKEY0000002"))
         self.assertEqual(re.findall(r'access_key_id="(\S+)"', logs.text),
                          ["ASIAFIRSTKEY00000001", "ASIASECONDKEY0000002", "ASIASECONDKEY0000002"])
+
+    def test_what_it_remembers_is_bounded(self):
+        audit = emp.Audit(remembered=3)
+        decision = emp.RoleResolver(emp.parse_config(base_config())).decision_for(container())
+        for number in range(10):
+            audit.handed("10.1.0.1", "v1", container(cid=f"static-10.1.0.{number}"), decision,
+                         self.creds("ASIAFIRSTKEY00000001"))
+            self.assertLessEqual(len(audit), 3)
 
 
 #####################################################################

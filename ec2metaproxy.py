@@ -3446,17 +3446,19 @@ class Proxy:
     def serve_forever(self) -> None:
         self.server.serve_forever(poll_interval=0.2)
 
-    def reload_from(self, path: str) -> Config:
+    def reload_from(self, path: str, then: Optional[Callable[[Config], None]] = None) -> Config:
         """Reload the config file (SIGHUP); on any error the running config stays. Returns the one in force."""
         try:
             config = load_config(path)
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s: %s", path, exc)
             return self.config
-        return self.reload(config)
+        return self.reload(config, then)
 
-    def reload(self, new: Config) -> Config:
+    def reload(self, new: Config, then: Optional[Callable[[Config], None]] = None) -> Config:
         """Put a validated config in force without a restart; returns the config now in force.
+
+        then(config) runs once it is in force, before the line saying so (main's logging options).
 
         Keys in RESTART_ONLY_KEYS keep their running value (one line each says so). Every known
         container is decided again under the new config; one whose RoleSpec changed gets the new
@@ -3478,6 +3480,8 @@ class Proxy:
             decided = self.index.containers(static=True)
             changes = self.lifecycle.reconfigure(roles, decided)
             self.roles, self.config = roles, new
+            if then is not None:
+                then(new)
             log.info("config reloaded: %d aliases; %d of %d containers changed role%s", len(new.alias_to_arn),
                      len(changes), len(decided), "".join(
                          f"; {c.name}: {b.arn if b else 'none'} -> {a.arn if a else 'none'}"
@@ -3635,8 +3639,7 @@ def main(argv=None) -> int:
         threading.Thread(target=proxy.shutdown, name="shutdown", daemon=True).start()
 
     def reload():
-        in_force = proxy.reload_from(args.config)
-        set_log_options(in_force.verbose, in_force.log_format)
+        proxy.reload_from(args.config, then=lambda new: set_log_options(new.verbose, new.log_format))
 
     def hangup(signum, frame):
         log.info("received SIGHUP; reloading %s", args.config)

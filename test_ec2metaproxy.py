@@ -3794,10 +3794,10 @@ class TestMain(ProcessTestCase):
         path = process.args[process.args.index("-c") + 1]
         self.assertTrue(wait_until(lambda: "listening on" in logs(), timeout=15), logs())
 
-        def role_listed():
+        def role_listed(path=CREDENTIALS):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
             try:
-                conn.request("GET", CREDENTIALS)
+                conn.request("GET", path)
                 return conn.getresponse().read().decode()
             finally:
                 conn.close()
@@ -3810,10 +3810,12 @@ class TestMain(ProcessTestCase):
 
         self.assertEqual(role_listed(), "web-role")
         hang_up('{"listen": "127.0.0.1:1", "aliasToARN": {}, "defaultAlias": null}', "config reload failed")
-        self.assertEqual(role_listed(), "web-role")
-        config.update(listen=f"127.0.0.1:{free_port()}", aliasToARN=dict(config["aliasToARN"], web=arn("web-role-2")))
+        self.assertEqual(role_listed(CREDENTIALS + "before"), "404 - Not Found")   # refusals at DEBUG
+        config.update(listen=f"127.0.0.1:{free_port()}", aliasToARN=dict(config["aliasToARN"], web=arn("web-role-2")),
+                      verbose=False)
         hang_up(json.dumps(config), "config reloaded")
         self.assertEqual(role_listed(), "web-role-2")
+        self.assertEqual(role_listed(CREDENTIALS + "after"), "404 - Not Found")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
         lines = [json.loads(line) for line in logs().splitlines()]   # every line a JSON object
@@ -3826,6 +3828,9 @@ class TestMain(ProcessTestCase):
                       f"web-1: {arn('web-role')} -> {arn('web-role-2')}", messages)
         self.assertEqual([line["level"] for line in lines if line["message"].startswith("config reload")],
                          ["ERROR", "WARNING", "INFO"])
+        debug = [line["message"] for line in lines if line["level"] == "DEBUG"]   # verbose, then not
+        self.assertTrue(any(CREDENTIALS + "before" in message for message in debug), debug)
+        self.assertFalse(any(CREDENTIALS + "after" in message for message in debug), debug)
 
     def test_sigint_exits_zero(self):
         port = free_port()

@@ -1338,7 +1338,8 @@ class RoleResolver:
 #####################################################################
 # Credentials #######################################################
 # Owns STS AssumeRole (bounded in time and attempts), the cache (fetched when a container
-# starts, refreshed well before expiry) and the reaction to containers starting and stopping.
+# starts, refreshed well before expiry), the audit of what is handed out and refused, and the
+# reaction to containers starting and stopping (and to a reload).
 
 class CredentialError(Exception):
     """STS could not provide credentials; code is STS's error code or the proxy's reason."""
@@ -1953,7 +1954,7 @@ class Audit:
         # worst, forgetting costs a repeated line.
         self._remembered = remembered
 
-    def handed(self, source: str, imds: str, container: Container, decision: "Decision",
+    def handed(self, source: str, imds: str, container: Container, decision: Decision,
                creds: Credentials) -> None:
         """Credentials went to a container; a line only when their AccessKeyId is new to it."""
         if self._handed.get(container.id) == creds.access_key_id:
@@ -1967,7 +1968,7 @@ class Audit:
         self._write("granted", source, imds, container, decision, creds.access_key_id,
                     iso8601(creds.expiration), "-")
 
-    def refused(self, source: str, imds: str, container: Optional[Container], decision: "Decision",
+    def refused(self, source: str, imds: str, container: Optional[Container], decision: Decision,
                 reason: str) -> None:
         self._write("refused", source, imds, container, decision, "-", "-", reason)
 
@@ -2051,7 +2052,8 @@ class ContainerLifecycle:
                 if container.id in early and early[container.id] != spec:
                     self._credentials.forget(container.id, early[container.id])   # decided otherwise at start
 
-    def reconfigure(self, roles: RoleResolver, containers: List[Container]) -> List[Tuple[Container, Optional[RoleSpec], Optional[RoleSpec]]]:
+    def reconfigure(self, roles: RoleResolver, containers: List[Container]
+                    ) -> List[Tuple[Container, Optional[RoleSpec], Optional[RoleSpec]]]:
         """A reload: decide every known container under the new roles; one whose role changed gets
         the new role's credentials prefetched and the old ones dropped. Returns (container, old, new)."""
         with self._deciding:
@@ -2249,7 +2251,7 @@ NOT_FOUND = b"404 - Not Found"
 
 
 def imds_version(request: Request) -> str:
-    """"v2" for a request carrying a token (checked by then), else "v1"."""
+    """Whether the request carried an IMDSv2 token ("v2", checked by then) or not ("v1")."""
     return "v2" if TOKEN_HEADER in request.headers else "v1"
 
 
@@ -3567,6 +3569,17 @@ def alias_spec(config: Config, options: AliasOptions) -> RoleSpec:
                     duration=options.session_duration or config.session_duration)
 
 
+def validation_sts(config: Config, env_region: Optional[str]) -> StsClient:
+    """The STS client the proxy would call: the config's region, the environment's, else the instance's."""
+    sts = StsClient(config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
+    region = env_region
+    if not (config.sts_region or config.sts_endpoint or region or config.mock):
+        region = MetadataUpstream(config.metadata_url).region()
+    if region:
+        sts.use_region(region)
+    return sts
+
+
 def validate_roles(config: Config, sts, out) -> int:
     """--validate-roles: one AssumeRole per alias with its options; 0 when every alias works, else 1."""
     failed = 0
@@ -3608,24 +3621,20 @@ def main(argv=None) -> int:
         return 0
     if args.explain is not None:
         return explain(config, args.explain, sys.stdout)
+    env_region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if args.validate_roles:
         try:
-            sts = StsClient(config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
+            sts = validation_sts(config, env_region)
         except ImportError as exc:
             print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
             return 1
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not (config.sts_region or config.sts_endpoint or region or config.mock):
-            region = MetadataUpstream(config.metadata_url).region()
-        if region:
-            sts.use_region(region)
         return validate_roles(config, sts, sys.stdout)
     if config.mock:
         # Outside EC2: the proxy's own credentials are the developer's; botocore reads
         # this switch from the environment only.
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     try:
-        proxy = Proxy(config, env_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        proxy = Proxy(config, env_region=env_region)
     except StartupError as exc:
         print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1

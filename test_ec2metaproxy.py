@@ -3375,7 +3375,8 @@ class TestJsonFormatter(unittest.TestCase):
         record.fields, record.event = emp.ACCESS_FIELDS, "access"
         fields = json.loads(emp.JsonFormatter().format(record))
         self.assertEqual({key: value for key, value in fields.items() if key != "time"}, {
-            "level": "INFO", "logger": "ec2metaproxy", "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/ 200 1.2ms",
+            "level": "INFO", "logger": "ec2metaproxy",
+            "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/ 200 1.2ms",
             "event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
             "path": "/latest/meta-data/", "status": 200, "ms": 1.2})
         try:

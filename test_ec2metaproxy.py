@@ -3604,6 +3604,16 @@ class TestCommands(unittest.TestCase):
                          (1, "127.0.0.9: no running container has this address, id or name\n"))
         self.assertEqual(STS.assume_calls(), 0)
 
+    def test_explain_reads_the_environment_when_env_roles_is_on(self):
+        self.config.update(envRoles=True, defaultAccountId=ACCOUNT, allowedRoles=[arn("app-*")])
+        self.docker.add_container("job-1", ["127.0.0.5"], env=["IAM_ROLE=app-reports", "IAM_EXTERNAL_ID=x"],
+                                  emit=False)
+        code, out = self.run_main("--explain", "job-1")
+        self.assertEqual(code, 0)
+        self.assertIn(f"rule:            env IAM_ROLE\nalias:           IAM_ROLE\nrole ARN:        "
+                      f"{arn('app-reports')}\nsession name:    job-1\n", out)
+        self.assertIn("external id:     set\n", out)
+
     def test_explain_says_so_when_docker_cannot_be_asked(self):
         self.docker.stop()
         code, out = self.run_main("--explain", "127.0.0.2")

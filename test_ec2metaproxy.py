@@ -3640,6 +3640,40 @@ class TestCommands(unittest.TestCase):
         self.assertEqual(self.run_main("--validate-roles")[0], 0)
 
 
+class ReloadingWatcher:
+    """Finds the caller only after a reload has happened: the request under way must keep its config."""
+
+    def __init__(self, container, reload):
+        self.container = container
+        self.reload = reload
+
+    def find(self, ip, current, timeout):
+        if current:
+            self.reload()
+        return emp.Found(self.container, True)
+
+
+class TestReloadMidRequest(unittest.TestCase):
+    """A request sees the config in force when it arrived, whole, even if a reload lands mid-way."""
+
+    def test_a_reload_during_a_request_is_the_next_requests(self):
+        old = emp.parse_config(base_config())
+        new = emp.parse_config(base_config(requireTokens=True, aliasToARN=dict(
+            base_config()["aliasToARN"], web=arn("web-role-2"))))
+        web = container("web-1", labels={ALIAS: "web"})
+        service = None
+
+        def reload():
+            service.settings = emp.ServiceSettings(emp.RoleResolver(new), new.require_tokens)
+        service = emp.MetadataService(emp.ContainerIndex(), emp.RoleResolver(old), None, emp.TokenIssuer(), None,
+                                      require_tokens=old.require_tokens, watcher=ReloadingWatcher(web, reload))
+        answer = service.answer(emp.Request("GET", CREDENTIALS, "HTTP/1.1", {}, "172.17.0.2"))
+        self.assertEqual((answer.status, answer.body), (200, b"web-role"))   # tokenless and the old role: all old
+        with self.assertRaises(emp.HttpError) as refused:
+            service.answer(emp.Request("GET", CREDENTIALS, "HTTP/1.1", {}, "172.17.0.2"))
+        self.assertEqual(refused.exception.status, 401)   # the next one: all new
+
+
 class TestStsRegion(unittest.TestCase):
     """Which STS endpoint the proxy calls: the config's, the environment's, else the instance's region."""
 

@@ -3648,7 +3648,10 @@ def main(argv=None) -> int:
         threading.Thread(target=proxy.shutdown, name="shutdown", daemon=True).start()
 
     def reload():
-        proxy.reload_from(args.config, then=lambda new: set_log_options(new.verbose, new.log_format))
+        try:
+            proxy.reload_from(args.config, then=lambda new: set_log_options(new.verbose, new.log_format))
+        except Exception:   # a bug must cost the reload, said in the log, not a traceback on stderr
+            log.exception("config reload failed unexpectedly; the running config may be partly replaced")
 
     def hangup(signum, frame):
         log.info("received SIGHUP; reloading %s", args.config)

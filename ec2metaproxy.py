@@ -11,7 +11,8 @@ path to the real IMDS. It never hands out the host's credentials. With
 adminListen, a loopback (or unix socket) listener serves the operator health,
 readiness, Prometheus metrics and the container index.
 
-Run:   python3 ec2metaproxy.py -c config.json
+Run:   python3 ec2metaproxy.py -c config.json   (SIGHUP reloads the file, SIGTERM stops)
+       ... --check | --explain ADDRESS_OR_CONTAINER | --validate-roles   (print, and exit)
 Needs: Python 3.9+ standard library, and boto3 for STS.
 Licence: MIT (see LICENSE).
 """
@@ -418,6 +419,7 @@ class Config:
     session_scope: str = "container"
     forward: ForwardRule = ForwardRule()
     admin_listen: object = None   # (host, port) on loopback, or a unix socket path; None: no admin listener
+    log_format: str = "text"
 
 
 def _expect(key: str, value, kind, what: str):
@@ -714,7 +716,9 @@ CONFIG_KEYS: Dict[str, Tuple[str, Callable]] = {
     "sessionScope": ("session_scope", lambda k, v: parse_choice(k, v, SESSION_SCOPES)),
     "forward": ("forward", parse_forward),
     "adminListen": ("admin_listen", lambda k, v: None if v is None else parse_admin_listen(k, v)),
+    "logFormat": ("log_format", lambda k, v: parse_choice(k, v, LOG_FORMATS)),
 }
+LOG_FORMATS = ("text", "json")
 SESSION_SCOPES = ("container", "role")
 SHARED_SESSION_NAME = "ec2metaproxy"   # sessionScope "role" without a sessionName of its own
 CONTAINER_PLACEHOLDERS = re.compile(r"\{(name|id|env:[^{}]+)\}")   # differ from container to container
@@ -1023,12 +1027,12 @@ class ContainerIndex:
         """Whether Docker reported ip (a conflict counts: the address is Docker's)."""
         return ip in self._by_ip
 
+    def containers(self, static: bool = False) -> List[Container]:
+        """Every container Docker reported running (a copy); with static, the staticMappings stand-ins too."""
+        return list(self._by_id.values()) + (list(self._static.values()) if static else [])
+
     def __len__(self) -> int:
         return len(self._by_id)
-
-    def containers(self) -> List[Container]:
-        """Every container Docker reported, for the admin listener."""
-        return list(self._by_id.values())
 
     def counts(self) -> Dict[str, int]:
         """Sizes of what is held, for logs and tests: nothing here may grow without bound."""
@@ -1511,6 +1515,20 @@ class RoleChoice(NamedTuple):
     external_id: Optional[str]
     policy: Optional[str]          # the container's own session policy text, if it gives one
     policy_source: str             # where that text came from, for messages
+    rule: str = "-"                # what chose the alias: a label, IAM_ROLE, staticMappings, defaultAlias
+
+
+class Decision(NamedTuple):
+    """What a container gets: its RoleSpec and the alias and rule behind it, or None and why."""
+
+    spec: Optional[RoleSpec]
+    alias: str = "-"
+    rule: str = "-"
+    reason: str = ""
+    arn: str = "-"   # the alias's role, even when it is refused
+
+
+NO_ALIAS = "no role label and no defaultAlias"   # configured to get nothing: not worth a warning
 
 
 class RoleResolver:
@@ -1518,7 +1536,8 @@ class RoleResolver:
 
     def __init__(self, config: Config):
         self._config = config
-        self._memo: Dict[str, Tuple[Container, Optional[RoleSpec]]] = {}
+        self.config = config
+        self._memo: Dict[str, Tuple[Container, Decision]] = {}
         self._memo_lock = threading.Lock()   # requests, listings and events all decide and forget
         self._arn_aliases = {options.arn: name for name, options in config.alias_to_arn.items()}
         self._partition = next(iter(config.alias_to_arn.values())).arn.split(":")[1]
@@ -1528,28 +1547,27 @@ class RoleResolver:
 
     def role_for(self, container: Container) -> Optional[RoleSpec]:
         """The container's role, or None when it gets no credentials (logged once per container)."""
+        return self.decision_for(container).spec
+
+    def decision_for(self, container: Container) -> Decision:
+        """The container's Decision, made once per container (a refusal logged then)."""
         memo = self._memo.get(container.id)
         if memo is not None and memo[0] is container:
             return memo[1]
-        spec, reason = self._resolve(container)
+        decision = self.explain(container)
         with self._memo_lock:
             memo = self._memo.get(container.id)
             if memo is not None and memo[0] is container:
                 return memo[1]   # another thread decided first: one decision, one warning
-            self._memo[container.id] = (container, spec)
-        if spec is None and reason:
-            log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id, reason)
-        return spec
-
-    def decision(self, container: Container) -> Tuple[Optional[str], Optional[RoleSpec], str]:
-        """The alias, the role and why none, decided afresh; neither remembered nor logged (for /containers)."""
-        choice, _ = self._choose(container)
-        spec, reason = self._resolve(container)
-        return (choice.alias if choice is not None else None), spec, reason
+            self._memo[container.id] = (container, decision)
+        if decision.spec is None and decision.reason != NO_ALIAS:
+            log.warning("container %s (%s) gets no credentials: %s", container.name, container.short_id,
+                        decision.reason)
+        return decision
 
     def provisional(self, container: Container) -> Optional[RoleSpec]:
         """The role from what is known before the container starts (its create event); not remembered."""
-        return self._resolve(container)[0]
+        return self.explain(container).spec
 
     def forget(self, container_ids) -> None:
         with self._memo_lock:
@@ -1560,19 +1578,21 @@ class RoleResolver:
         """How many decisions are remembered (one per live container)."""
         return len(self._memo)
 
-    def _resolve(self, container: Container) -> Tuple[Optional[RoleSpec], str]:
-        """The container's RoleSpec, or None and why not ("" when it is configured to get none)."""
+    def explain(self, container: Container) -> Decision:
+        """Decide afresh, remembering and logging nothing (--explain, a reload, a create event)."""
         choice, reason = self._choose(container)
         if choice is None:
-            return None, reason
+            return Decision(None, reason=reason or NO_ALIAS)
         if choice.options.allow is not None:
             failure = allow_failure(choice.options.allow, container)
             if failure:
-                return None, f"alias {choice.alias!r} is not allowed for it ({failure})"
+                return Decision(None, choice.alias, choice.rule,
+                                f"alias {choice.alias!r} is not allowed for it by its allow rule ({failure})",
+                                choice.options.arn)
         policy, reason = self._policy(container, choice)
         if reason:
-            return None, reason
-        return self._spec(container, choice, policy), ""
+            return Decision(None, choice.alias, choice.rule, reason, choice.options.arn)
+        return Decision(self._spec(container, choice, policy), choice.alias, choice.rule, "", choice.options.arn)
 
     def _choose(self, container: Container) -> Tuple[Optional[RoleChoice], str]:
         """The alias: a static mapping's, the label's, IAM_ROLE's (if envRoles) or the default."""
@@ -1584,7 +1604,8 @@ class RoleResolver:
         if alias is not None:
             if alias not in config.alias_to_arn:
                 return None, f"label {config.alias_label} names alias {alias!r}, which is not in aliasToARN"
-            return RoleChoice(alias, config.alias_to_arn[alias], None, policy, policy_source), ""
+            rule = "staticMappings" if container.static_alias else f"label {config.alias_label}"
+            return RoleChoice(alias, config.alias_to_arn[alias], None, policy, policy_source, rule), ""
         if config.env_roles and env.get("IAM_ROLE"):
             options, reason = self._env_role(env["IAM_ROLE"])
             if options is None:
@@ -1592,10 +1613,10 @@ class RoleResolver:
             if policy is None and env.get("IAM_POLICY"):
                 policy, policy_source = env["IAM_POLICY"], "env IAM_POLICY"
             return RoleChoice(self._arn_aliases.get(options.arn, "IAM_ROLE"), options,
-                              env.get("IAM_EXTERNAL_ID") or None, policy, policy_source), ""
+                              env.get("IAM_EXTERNAL_ID") or None, policy, policy_source, "env IAM_ROLE"), ""
         if config.default_alias is not None:
             return RoleChoice(config.default_alias, config.alias_to_arn[config.default_alias],
-                              None, policy, policy_source), ""
+                              None, policy, policy_source, "defaultAlias"), ""
         return None, ""   # no label and no defaultAlias: no credentials, as configured
 
     def _policy(self, container: Container, choice: RoleChoice) -> Tuple[Optional[str], str]:
@@ -1664,7 +1685,8 @@ class RoleResolver:
 #####################################################################
 # Credentials #######################################################
 # Owns STS AssumeRole (bounded in time and attempts), the cache (fetched when a container
-# starts, refreshed well before expiry) and the reaction to containers starting and stopping.
+# starts, refreshed well before expiry), the audit of what is handed out and refused, and the
+# reaction to containers starting and stopping (and to a reload).
 
 class CredentialError(Exception):
     """STS could not provide credentials; code is STS's error code or the proxy's reason."""
@@ -1775,13 +1797,17 @@ class StsClient:
             return None
         return credentials.method if credentials is not None else None
 
-    def assume_role(self, spec: RoleSpec) -> Credentials:
-        """One AssumeRole call for spec; raise CredentialError with STS's code on failure."""
+    def assume_role(self, spec: RoleSpec, shorten: bool = True) -> Credentials:
+        """One AssumeRole call for spec; raise CredentialError with STS's code on failure.
+
+        With shorten, a duration over the role's maximum is retried at one hour (--validate-roles
+        passes False, to report it).
+        """
         duration = STS_DEFAULT_DURATION if self._short_roles.get(spec.arn) else spec.duration
         try:
             return self._assume(spec, duration)
         except CredentialError as exc:
-            if (exc.code == "ValidationError" and "MaxSessionDuration" in exc.message
+            if (shorten and exc.code == "ValidationError" and "MaxSessionDuration" in exc.message
                     and duration != STS_DEFAULT_DURATION):
                 if not self._short_roles.get(spec.arn):
                     log.warning("role %s does not allow %d-second sessions; using %d",
@@ -2128,6 +2154,11 @@ class CredentialCache:
             if entry.creds is None and entry.done is None:
                 self._schedule_locked(key, max(self._clock(), entry.retry_at))
 
+    def forget(self, container_id: str, spec: RoleSpec) -> None:
+        """The container no longer uses spec (a reload decided otherwise); the session goes with its last user."""
+        with self._lock:
+            self._unlink_locked(self._key(container_id, spec), container_id)
+
     def discard_provisional(self, container_id: str, keep: Optional[RoleSpec]) -> None:
         """Drop a started container's create-time fetches for any spec but the one decided at start."""
         kept = None if keep is None else self._key(container_id, keep)
@@ -2305,6 +2336,66 @@ class CredentialCache:
                 self.reachable = False
 
 
+# Field names of an audit line, in its text order; JSON log lines carry them as keys (see README).
+AUDIT_FIELDS = ("outcome", "container_id", "container_name", "image", "alias", "role_arn", "session_name",
+                "access_key_id", "expiration", "source", "imds", "reason")
+# Values quoted: a key=value run would look like a secret to redact().
+AUDIT_TEXT = ('audit %s container="%s" name="%s" image="%s" alias="%s" role="%s" session="%s" '
+              'access_key_id="%s" expiration="%s" source="%s" imds="%s" reason="%s"')
+
+
+class Audit:
+    """Writes one line each time a container is handed an AccessKeyId it had not been handed, and
+    one per refusal; never a secret key, a session token or an IMDSv2 token."""
+
+    def __init__(self, remembered: int = 65536):
+        self._handed: Dict[str, str] = {}   # container id -> the AccessKeyId it was last handed
+        self._lock = threading.Lock()
+        # staticMappings stand-ins are never removed: a wide range must not grow memory. At
+        # worst, forgetting costs a repeated line.
+        self._remembered = remembered
+
+    def handed(self, source: str, imds: str, container: Container, decision: Decision,
+               creds: Credentials) -> None:
+        """Credentials went to a container; a line only when their AccessKeyId is new to it."""
+        if self._handed.get(container.id) == creds.access_key_id:
+            return   # the request path's whole cost: one dict read
+        with self._lock:
+            if self._handed.get(container.id) == creds.access_key_id:
+                return
+            if len(self._handed) >= self._remembered:
+                self._handed.clear()
+            self._handed[container.id] = creds.access_key_id
+        self._write("granted", source, imds, container, decision, creds.access_key_id,
+                    iso8601(creds.expiration), "-")
+
+    def refused(self, source: str, imds: str, container: Optional[Container], decision: Decision,
+                reason: str) -> None:
+        self._write("refused", source, imds, container, decision, "-", "-", reason)
+
+    def forget(self, container_ids) -> None:
+        with self._lock:
+            for container_id in container_ids:
+                self._handed.pop(container_id, None)
+
+    def __len__(self) -> int:
+        return len(self._handed)
+
+    @staticmethod
+    def _write(outcome, source, imds, container, decision, access_key_id, expiration, reason) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        spec = decision.spec
+        args = (outcome, container.id if container else "-", container.name if container else "-",
+                (container.image or "-") if container else "-", decision.alias,
+                decision.arn, spec.session_name if spec else "-",
+                access_key_id, expiration, source, imds, reason)
+        record = logging.LogRecord(log.name, logging.INFO, __file__, 0, AUDIT_TEXT, args, None)
+        record.fields = AUDIT_FIELDS
+        record.event = "audit"
+        log.handle(record)
+
+
 class ContainerLifecycle:
     """Reacts to changes in the container index: decides a new container's role and prefetches its
     credentials; forgets a gone container's credentials and role.
@@ -2315,13 +2406,18 @@ class ContainerLifecycle:
     discards it.
     """
 
-    def __init__(self, roles: RoleResolver, credentials: CredentialCache):
-        self._roles = roles
+    def __init__(self, roles: RoleResolver, credentials: CredentialCache, audit: Optional[Audit] = None):
+        self.roles = roles   # replaced whole by a reload (reconfigure)
         self._credentials = credentials
+        self._audit = audit
+        # Held while containers are decided and their fetches queued, so that a container
+        # starting during a reload is decided under the old roles and then seen by the reload,
+        # or under the new ones: never left with the old role's credentials.
+        self._deciding = threading.Lock()
 
     def created(self, container: Container) -> None:
         """A create event: fetch, once, for the role its labels name."""
-        spec = self._roles.provisional(container)
+        spec = self.roles.provisional(container)
         if spec is not None:
             self._credentials.prefetch(container.id, container.name, spec, provisional=True)
 
@@ -2329,12 +2425,34 @@ class ContainerLifecycle:
         """Called by DockerWatcher, from its own threads, holding no lock."""
         for container_id in removed:
             self._credentials.drop_container(container_id)
-        self._roles.forget(removed)
-        for container in added:
-            spec = self._roles.role_for(container)
-            if spec is not None:
-                self._credentials.prefetch(container.id, container.name, spec)
-            self._credentials.discard_provisional(container.id, keep=spec)
+        if self._audit is not None:
+            self._audit.forget(removed)
+        with self._deciding:
+            roles = self.roles
+            roles.forget(removed)
+            for container in added:
+                spec = roles.role_for(container)
+                if spec is not None:
+                    self._credentials.prefetch(container.id, container.name, spec)
+                self._credentials.discard_provisional(container.id, keep=spec)
+
+    def reconfigure(self, roles: RoleResolver, containers: List[Container]
+                    ) -> List[Tuple[Container, Optional[RoleSpec], Optional[RoleSpec]]]:
+        """A reload: decide every known container under the new roles; one whose role changed gets
+        the new role's credentials prefetched and the old ones dropped. Returns (container, old, new)."""
+        with self._deciding:
+            old, self.roles = self.roles, roles
+            changes = []
+            for container in containers:
+                before, after = old.provisional(container), roles.role_for(container)
+                if before != after:
+                    changes.append((container, before, after))
+            for container, before, after in changes:
+                if after is not None:
+                    self._credentials.prefetch(container.id, container.name, after)
+                if before is not None:
+                    self._credentials.forget(container.id, before)
+        return changes
 
 
 #####################################################################
@@ -2545,7 +2663,7 @@ class Answer:
 class Request:
     """One parsed request, and who it turned out to be from (for the log line)."""
 
-    __slots__ = ("method", "target", "version", "headers", "source", "container", "role", "route")
+    __slots__ = ("method", "target", "version", "headers", "source", "container", "role", "route", "settings")
 
     def __init__(self, method: str, target: str, version: str, headers: Mapping[str, str], source: str):
         self.method = method
@@ -2556,9 +2674,15 @@ class Request:
         self.container = "-"
         self.role = "-"
         self.route = "unrouted"   # the handler that answered it, for the metrics
+        self.settings: Optional["ServiceSettings"] = None   # the config in force when it arrived
 
 
 NOT_FOUND = b"404 - Not Found"
+
+
+def imds_version(request: Request) -> str:
+    """Whether the request carried an IMDSv2 token ("v2", checked by then) or not ("v1")."""
+    return "v2" if TOKEN_HEADER in request.headers else "v1"
 
 
 def text_answer(status: int, text: str) -> Answer:
@@ -2833,6 +2957,15 @@ ROUTES = (
     (re.compile(r"^/[^/]+/meta-data/identity-credentials(?:/.*)?$", re.IGNORECASE), "refuse"),
 )
 TOKEN_PATH = "latest/api/token"
+NO_CALLER = Decision(None, reason="no container at this address")
+
+
+class ServiceSettings(NamedTuple):
+    """What a request reads of the config, swapped whole by a reload: it sees old or new, never a mix."""
+
+    roles: RoleResolver
+    require_tokens: bool
+    forward_rule: ForwardRule = ForwardRule()
 
 
 class MetadataService:
@@ -2842,19 +2975,26 @@ class MetadataService:
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
                  require_tokens: bool = False,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 forward_rule: ForwardRule = ForwardRule()):
+                 forward_rule: ForwardRule = ForwardRule(), audit: Optional[Audit] = None):
         self.watcher = watcher
-        self.roles = roles
+        self.settings = ServiceSettings(roles, require_tokens, forward_rule)
+        self.audit = audit if audit is not None else Audit()
         self.credentials = credentials
         self.tokens = tokens
         self.upstream = upstream
         self.wait_timeout = wait_timeout
         self.resync_timeout = resync_timeout
-        self.require_tokens = require_tokens
         self.clock = clock
         self.wall_clock = wall_clock
-        self.forward_rule = forward_rule
         self.routes = tuple((pattern, getattr(self, name)) for pattern, name in ROUTES)
+
+    @property
+    def roles(self) -> RoleResolver:
+        return self.settings.roles
+
+    @property
+    def require_tokens(self) -> bool:
+        return self.settings.require_tokens
 
     def caller(self, source: str, resync: bool) -> Optional[Container]:
         """The container behind a source address, or its static mapping (DockerWatcher.find).
@@ -2874,6 +3014,7 @@ class MetadataService:
         A credential answer takes at most wait_timeout, whatever STS does.
         """
         deadline = self.clock() + self.wait_timeout
+        request.settings = self.settings   # read once: a reload meanwhile is this request's next one's
         path = normalize_path(request.target)
         for pattern, handler in self.routes:
             match = pattern.match(path)
@@ -2896,7 +3037,7 @@ class MetadataService:
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, "metadata is read with GET or HEAD", headers=(("Allow", "GET, HEAD"),))
         token = request.headers.get(TOKEN_HEADER)
-        if token is None and self.require_tokens:
+        if token is None and request.settings.require_tokens:
             raise HttpError(401, "no token")   # IMDSv2 only, like HttpTokens=required
         container = self.caller(request.source, resync)
         # A token taken while the caller was unknown is bound to its address, and stops
@@ -2930,7 +3071,8 @@ class MetadataService:
         container = self.authorize(request, resync=True)
         if not VALID_VERSION.match(match.group(1)):
             raise HttpError(404, "no such metadata version")
-        spec = self.roles.role_for(container) if container is not None else None
+        decision = request.settings.roles.decision_for(container) if container is not None else NO_CALLER
+        spec = decision.spec
         if container is not None:
             request.container = container.name
         if spec is not None:
@@ -2944,6 +3086,7 @@ class MetadataService:
         if (not rest and not trailing) or (len(rest) == 1 and not trailing and directory):
             return Answer(301, b"", (("Location", urllib.parse.quote(path + "/")),))
         if spec is None:
+            self.audit.refused(request.source, imds_version(request), container, decision, decision.reason)
             raise HttpError(404, "no role for this caller")
         if not rest:
             return text_answer(200, "info\nsecurity-credentials/")
@@ -2954,8 +3097,16 @@ class MetadataService:
         if len(rest) == 1:
             return text_answer(200, spec.role_name)
         if rest[1] != spec.role_name:
+            self.audit.refused(request.source, imds_version(request), container, decision,
+                               f"asked for role {ascii(rest[1])[1:-1][:64]}, not its own")
             raise HttpError(404, "another role's name")
-        creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()))
+        try:
+            creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()))
+        except CredentialError as exc:
+            self.audit.refused(request.source, imds_version(request), container, decision,
+                               f"STS error {exc.code}")
+            raise
+        self.audit.handed(request.source, imds_version(request), container, decision, creds)
         return Answer(200, creds.extended_body if kind.endswith("extended") else creds.body)
 
     def info(self, spec: RoleSpec) -> str:
@@ -2971,7 +3122,9 @@ class MetadataService:
 
     def refuse(self, request: Request, path: str, match, deadline: float) -> Answer:
         """meta-data/identity-credentials/: the instance's own identity, never given to a container."""
-        self.authorize(request, resync=False)
+        container = self.authorize(request, resync=False)
+        self.audit.refused(request.source, imds_version(request), container,
+                           NO_CALLER if container is None else Decision(None), "identity-credentials are the host's")
         raise HttpError(404, "identity credentials are the host's")
 
     def forward(self, request: Request, path: str, match, deadline: float) -> Answer:
@@ -2979,16 +3132,18 @@ class MetadataService:
         container = self.authorize(request, resync=False)
         if container is not None:
             request.container = container.name
-            if self.roles.tokens_required and TOKEN_HEADER not in request.headers:
-                self.demand_token(request, self.roles.role_for(container))
+            roles = request.settings.roles
+            if roles.tokens_required and TOKEN_HEADER not in request.headers:
+                self.demand_token(request, roles.role_for(container))
         if names_credentials(path):
             raise HttpError(404, "a reading of the path names credentials")
         if not canonical(path):
             raise HttpError(400, "only a path in its one canonical form is forwarded", close=True)
-        rule = self.forward_rule
+        rule = request.settings.forward_rule
         if not rule.everything and not forwardable(rule, path):
-            log.info("%s %s: %s refused by the forward policy", request.source, request.container,
-                     ascii(path)[1:-1][:200])
+            self.audit.refused(request.source, imds_version(request), container,
+                               NO_CALLER if container is None else Decision(None),
+                               f"path {ascii(path)[1:-1][:200]} refused by the forward policy")
             raise HttpError(404, "refused by the forward policy")
         status, location, body = self.upstream.fetch(request.method, path)
         if status == 200 and not rule.everything:
@@ -3296,6 +3451,10 @@ class RequestReader:
             remaining -= len(chunk)
         self.buffer = chunk[len(chunk) + remaining:]
 
+# Field names of an access line, in its text order; JSON log lines carry them as keys (see README).
+ACCESS_FIELDS = ("source", "container", "role", "method", "path", "status", "ms")
+
+
 @functools.lru_cache(maxsize=4)
 def http_date(second: int) -> str:
     """The Date header's text; made once a second, not once a request."""
@@ -3386,8 +3545,10 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             else:
                 args = (request.source, request.container, request.role, request.method,
                         ascii(request.target)[1:-1][:200], status, (time.perf_counter() - started) * 1000)
-            log.handle(logging.LogRecord(log.name, logging.INFO, __file__, 0, "%s %s %s %s %s %d %.1fms",
-                                         args, None))
+            record = logging.LogRecord(log.name, logging.INFO, __file__, 0, "%s %s %s %s %s %d %.1fms", args, None)
+            record.fields = ACCESS_FIELDS
+            record.event = "access"
+            log.handle(record)
 
     def log_error(self, request: Optional[Request], exc: HttpError) -> None:
         """Why a request was refused, at DEBUG (the reason never holds a secret)."""
@@ -3545,11 +3706,11 @@ class AdminService:
     """Answers the admin paths from the parts' own state: nothing here calls Docker, STS or IMDS."""
 
     def __init__(self, metrics: ProxyMetrics, watcher: DockerWatcher, index: ContainerIndex,
-                 roles: RoleResolver, credentials: CredentialCache, upstream, mock: bool = False):
+                 lifecycle: ContainerLifecycle, credentials: CredentialCache, upstream, mock: bool = False):
         self.metrics = metrics
         self.watcher = watcher
         self.index = index
-        self.roles = roles
+        self.lifecycle = lifecycle   # its roles are the ones in force, after any reload
         self.credentials = credentials
         self.upstream = upstream
         self.mock = mock
@@ -3619,7 +3780,8 @@ class AdminService:
         an AccessKeyId at most, never a secret or token."""
         listing = []
         for container in sorted(self.index.containers(), key=lambda c: c.name):
-            alias, spec, reason = self.roles.decision(container)
+            decision = self.lifecycle.roles.explain(container)   # the roles in force, after any reload
+            alias, spec, reason = (None if decision.alias == "-" else decision.alias), decision.spec, decision.reason
             creds, sts_error = self.credentials.peek(container.id, spec) if spec is not None else (None, None)
             listing.append({
                 "id": container.id, "name": container.name, "image": container.image,
@@ -3753,7 +3915,11 @@ class RedactingFormatter(logging.Formatter):
     _stamp = ""
 
     def format(self, record):
-        return redact(super().format(record))
+        return redact(self.render(record))
+
+    def render(self, record) -> str:
+        """The line before redaction; JsonFormatter's is a JSON object."""
+        return super().format(record)
 
     def formatTime(self, record, datefmt=None):
         # The same as logging's default, with the strftime done once a second, not once a line.
@@ -3762,6 +3928,26 @@ class RedactingFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
             self._second = second
         return f"{self._stamp},{int(record.msecs):03d}"
+
+
+class JsonFormatter(RedactingFormatter):
+    """One JSON object a line: time, level, logger, message, and an access or audit line's fields.
+
+    The whole line goes through the same redact() as a text line.
+    """
+
+    def render(self, record) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if fields and record.args:
+            line["event"] = getattr(record, "event", "")
+            for name, value in zip(fields, record.args):
+                line[name] = round(value, 1) if isinstance(value, float) else value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -3834,19 +4020,39 @@ class LogWriter:
         self._thread.join(timeout)
 
 
-def configure_logging(verbose: bool, stream=None) -> LogWriter:
+def log_formatter(log_format: str) -> RedactingFormatter:
+    """The formatter for logFormat "text" (time level message) or "json"."""
+    if log_format == "json":
+        return JsonFormatter()
+    return RedactingFormatter("%(asctime)s %(levelname)s %(message)s")
+
+
+def set_log_options(verbose: bool, log_format: str) -> None:
+    """Apply verbose and logFormat to the handler configure_logging installed (at start, and on a reload)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, DroppingQueueHandler):
+            handler.setFormatter(log_formatter(log_format))
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def configure_logging(verbose: bool, stream=None, log_format: str = "text") -> LogWriter:
     """Log lines go, redacted, through a bounded queue to a writer thread; returns that writer."""
     handler = DroppingQueueHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
     writer = LogWriter(handler.queue, stream or sys.stderr)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_log_options(verbose, log_format)
     # The SDK's debug output includes response bodies, credentials among them: never let it through.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return writer
+
+
+# Keys a running proxy cannot change (its sockets, its Docker and STS clients, its cache's shape):
+# a reload that changes one keeps the running value and says so. Keys not in CONFIG_KEYS are skipped.
+RESTART_ONLY_KEYS = ("listen", "adminListen", "dockerHost", "metadataURL", "mock", "stsRegion", "stsEndpoint",
+                     "stsRate", "stsBurst", "sessionScope", "envRoles", "staticMappings")
 
 
 class StartupError(Exception):
@@ -3873,7 +4079,8 @@ class Proxy:
         self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
                                            clock=clock, shared=config.session_scope == "role",
                                            metrics=self.metrics)
-        self.lifecycle = ContainerLifecycle(self.roles, self.credentials)
+        self.audit = Audit()
+        self.lifecycle = ContainerLifecycle(self.roles, self.credentials, audit=self.audit)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
                                      on_change=self.lifecycle.changed, on_create=self.lifecycle.created,
@@ -3886,7 +4093,7 @@ class Proxy:
         self.service = MetadataService(self.watcher, self.roles, self.credentials, TokenIssuer(clock=clock),
                                        forwarded, wait_timeout=wait_timeout,
                                        require_tokens=config.require_tokens,
-                                       wall_clock=clock, forward_rule=config.forward)
+                                       wall_clock=clock, forward_rule=config.forward, audit=self.audit)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits, metrics=self.metrics)
         except OSError as exc:
@@ -3895,7 +4102,7 @@ class Proxy:
         self.admin = None
         self._admin_serving = False
         if config.admin_listen is not None:
-            admin = AdminService(self.metrics, self.watcher, self.index, self.roles, self.credentials,
+            admin = AdminService(self.metrics, self.watcher, self.index, self.lifecycle, self.credentials,
                                  self.upstream, mock=config.mock)
             try:
                 self.admin = admin_server(config.admin_listen, admin)
@@ -3905,6 +4112,7 @@ class Proxy:
                                    f"{exc.strerror or exc}") from None
         self._stop = threading.Event()
         self.stopped = threading.Event()
+        self._reload_lock = threading.Lock()   # one reload at a time (two SIGHUPs in a row)
 
     @staticmethod
     def _check_docker_socket(path: str) -> None:
@@ -4009,6 +4217,48 @@ class Proxy:
     def serve_forever(self) -> None:
         self.server.serve_forever(poll_interval=0.2)
 
+    def reload_from(self, path: str, then: Optional[Callable[[Config], None]] = None) -> Config:
+        """Reload the config file (SIGHUP); on any error the running config stays. Returns the one in force."""
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running config: %s: %s", path, exc)
+            return self.config
+        return self.reload(config, then)
+
+    def reload(self, new: Config, then: Optional[Callable[[Config], None]] = None) -> Config:
+        """Put a validated config in force without a restart; returns the config now in force.
+
+        then(config) runs once it is in force, before the line saying so (main's logging options).
+
+        Keys in RESTART_ONLY_KEYS keep their running value (one line each says so). Every known
+        container is decided again under the new config; one whose RoleSpec changed gets the new
+        role's credentials prefetched and the old ones dropped; the others keep their cache.
+        """
+        with self._reload_lock:
+            old = self.config
+            kept = {}
+            for key in RESTART_ONLY_KEYS:
+                field = CONFIG_KEYS[key][0] if key in CONFIG_KEYS else None
+                if field is not None and getattr(new, field) != getattr(old, field):
+                    log.warning("config reload: %s cannot change without a restart; it stays as it was", key)
+                    kept[field] = getattr(old, field)
+            new = dataclasses.replace(new, **kept)
+            roles = RoleResolver(new)
+            # One assignment puts every request-time setting in force (ServiceSettings); requests
+            # first, so none asks for the old roles' credentials once they are dropped.
+            self.service.settings = ServiceSettings(roles, new.require_tokens, new.forward)
+            decided = self.index.containers(static=True)
+            changes = self.lifecycle.reconfigure(roles, decided)
+            self.roles, self.config = roles, new
+            if then is not None:
+                then(new)
+            log.info("config reloaded: %d aliases; %d of %d containers changed role%s", len(new.alias_to_arn),
+                     len(changes), len(decided), "".join(
+                         f"; {c.name}: {b.arn if b else 'none'} -> {a.arn if a else 'none'}"
+                         for c, b, a in changes[:10]))
+            return new
+
     def shutdown(self, timeout: float = 4.0) -> None:
         """Stop accepting, let requests in flight finish (bounded), stop the background threads."""
         if self._stop.is_set():
@@ -4027,12 +4277,107 @@ class Proxy:
         self.stopped.set()
 
 
+def find_container(index: ContainerIndex, target: str) -> Optional[Container]:
+    """A container by address (a staticMappings one too), full or short id, or name."""
+    try:
+        address = normalize_ip(str(ipaddress.ip_address(target)))
+    except ValueError:
+        address = None
+    if address is not None:
+        return index.lookup(address) or index.static(address)
+    for container in index.containers():
+        if target in (container.name, container.id) or (len(target) >= 4 and container.id.startswith(target)):
+            return container
+    return None
+
+
+def explain(config: Config, target: str, out) -> int:
+    """--explain: print the decision for one container from Docker's listing, without calling STS.
+
+    Returns 0 when it gets a role, 1 when it gets none or is not found, 2 when Docker cannot be asked.
+    """
+    index = ContainerIndex(config.static_mappings)
+    began = time.monotonic()
+    try:
+        listing = list_containers(DockerClient(config.docker_socket), (lambda _: None) if config.env_roles else None)
+    except DockerError as exc:
+        print(f"ec2metaproxy: cannot list containers: {exc}", file=out)
+        return 2
+    index.install(listing, began)
+    container = find_container(index, target)
+    if container is None:
+        print(f"{target}: no running container has this address, id or name", file=out)
+        return 1
+    decision = RoleResolver(config).explain(container)
+    spec = decision.spec
+    rows = [("container", f"{container.name} ({container.short_id})"), ("image", container.image or "-"),
+            ("addresses", " ".join(container.ips) or "-"), ("rule", decision.rule), ("alias", decision.alias),
+            ("role ARN", decision.arn)]
+    if spec is None:
+        rows.append(("credentials", f"none: {decision.reason}"))
+    else:
+        rows += [("session name", spec.session_name),
+                 ("duration", f"{spec.duration}s"), ("external id", "set" if spec.external_id else "-"),
+                 ("policy", spec.policy or "-"), ("policy ARNs", " ".join(spec.policy_arns) or "-"),
+                 ("tags", " ".join(f"{key}={value}" for key, value in spec.tags) or "-"),
+                 ("source identity", spec.source_identity or "-")]
+    for name, value in rows:
+        print(f"{name + ':':<17}{value}", file=out)
+    return 0 if spec is not None else 1
+
+
+VALIDATION_SESSION = "ec2metaproxy-validate-roles"
+
+
+def alias_spec(config: Config, options: AliasOptions) -> RoleSpec:
+    """The AssumeRole an alias makes, with its options, for a container known by no name."""
+    stand_in = Container(id="validate-roles", name=VALIDATION_SESSION, image="", labels={}, networks={})
+    tags = dict(config.session_tags)
+    tags.update(options.session_tags)
+    return RoleSpec(arn=options.arn, session_name=VALIDATION_SESSION,
+                    policy=options.policy if options.policy is not None else config.default_policy,
+                    external_id=options.external_id, policy_arns=options.policy_arns,
+                    tags=tuple(sorted((key, TAG_VALUE_CHARS.sub("-", render_template(value, stand_in))[:256])
+                                      for key, value in tags.items())),
+                    duration=options.session_duration or config.session_duration)
+
+
+def validation_sts(config: Config, env_region: Optional[str]) -> StsClient:
+    """The STS client the proxy would call: the config's region, the environment's, else the instance's."""
+    sts = StsClient(config.sts_region, config.sts_endpoint, None if config.mock else config.metadata_url)
+    region = env_region
+    if not (config.sts_region or config.sts_endpoint or region or config.mock):
+        region = MetadataUpstream(config.metadata_url).region()
+    if region:
+        sts.use_region(region)
+    return sts
+
+
+def validate_roles(config: Config, sts, out) -> int:
+    """--validate-roles: one AssumeRole per alias with its options; 0 when every alias works, else 1."""
+    failed = 0
+    width = max(len(alias) for alias in config.alias_to_arn)
+    for alias, options in config.alias_to_arn.items():
+        try:
+            sts.assume_role(alias_spec(config, options), shorten=False)
+            result = "OK"
+        except CredentialError as exc:
+            failed += 1
+            result = f"{exc.code}: {exc.message}"
+        print(f"{alias:<{width}}  {options.arn}  {redact(result)}", file=out)
+    return 1 if failed else 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="ec2metaproxy",
         description="EC2 instance metadata proxy giving each Docker container its own IAM role.")
     parser.add_argument("-c", "--config", required=True, metavar="PATH", help="JSON config file")
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
+    parser.add_argument("--explain", metavar="ADDRESS_OR_CONTAINER",
+                        help="print the role decision for one container (no STS call) and exit")
+    parser.add_argument("--validate-roles", action="store_true",
+                        help="assume each alias's role once with its options, print OK or STS's error, and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
 
@@ -4047,26 +4392,47 @@ def main(argv=None) -> int:
     if args.check:
         print(f"ec2metaproxy: {args.config}: OK")
         return 0
+    if args.explain is not None:
+        return explain(config, args.explain, sys.stdout)
+    env_region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if args.validate_roles:
+        try:
+            sts = validation_sts(config, env_region)
+        except ImportError as exc:
+            print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
+            return 1
+        return validate_roles(config, sts, sys.stdout)
     if config.mock:
         # Outside EC2: the proxy's own credentials are the developer's; botocore reads
         # this switch from the environment only.
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     try:
-        proxy = Proxy(config, env_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        proxy = Proxy(config, env_region=env_region)
     except StartupError as exc:
         print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1
     except ImportError as exc:
         print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
         return 1
-    writer = configure_logging(config.verbose)
+    writer = configure_logging(config.verbose, log_format=config.log_format)
 
     def stop(signum, frame):
         log.info("received %s; shutting down", signal.Signals(signum).name)
         threading.Thread(target=proxy.shutdown, name="shutdown", daemon=True).start()
 
+    def reload():
+        try:
+            proxy.reload_from(args.config, then=lambda new: set_log_options(new.verbose, new.log_format))
+        except Exception:   # a bug must cost the reload, said in the log, not a traceback on stderr
+            log.exception("config reload failed unexpectedly; the running config may be partly replaced")
+
+    def hangup(signum, frame):
+        log.info("received SIGHUP; reloading %s", args.config)
+        threading.Thread(target=reload, name="reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     proxy.start()
     proxy.serve_forever()
     proxy.stopped.wait(10)

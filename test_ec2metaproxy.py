@@ -643,10 +643,13 @@ class ProxyFixture:
 class LogCapture:
     """Captures the proxy's log lines (through its own redacting formatter) for assertions."""
 
+    def __init__(self, formatter=None):
+        self.formatter = formatter or emp.RedactingFormatter("%(levelname)s %(message)s")
+
     def __enter__(self):
         self.stream = io.StringIO()
         self.handler = logging.StreamHandler(self.stream)
-        self.handler.setFormatter(emp.RedactingFormatter("%(levelname)s %(message)s"))
+        self.handler.setFormatter(self.formatter)
         emp.log.addHandler(self.handler)
         self.level = emp.log.level
         emp.log.setLevel(logging.DEBUG)
@@ -847,6 +850,7 @@ class TestConfig(unittest.TestCase):
         self.assertFalse(config.verbose)
         self.assertEqual((config.sts_rate, config.sts_burst), (25.0, 10.0))
         self.assertEqual((config.session_scope, config.session_name), ("container", "{name}"))
+        self.assertEqual(config.log_format, "text")
         shared = emp.parse_config({"listen": ":18000", "aliasToARN": {"a": arn("a")}, "defaultAlias": None,
                                    "sessionScope": "role"})
         self.assertEqual(shared.session_name, "ec2metaproxy")
@@ -894,6 +898,7 @@ class TestConfig(unittest.TestCase):
             (dict(good, stsRate="25"), "stsRate: '25' is not a number"),
             (dict(good, stsBurst=True), "stsBurst: True is not a number of AssumeRole calls (at least 1)"),
             (dict(good, sessionScope="host"), "sessionScope: 'host' is not one of 'container', 'role'"),
+            (dict(good, logFormat="xml"), "logFormat: 'xml' is not one of 'text', 'json'"),
             (dict(good, sessionScope="role", sessionName="app-{name}"),
              "sessionName: {name} names the container, but with sessionScope 'role' containers share one session"),
             (dict(good, sessionScope="role", sessionName="{id}"), "sessionName: {id} names the container"),
@@ -2646,8 +2651,12 @@ class TestForwardPolicy(ProxyTestCase):
                          "/latest/meta-data/tags/instance/Name", "/latest/meta-data/tags/instance/"):
                 status, _, body = self.fx.request(path, "127.0.0.2")
                 self.assertEqual((status, body), (404, "404 - Not Found"), path)
-        self.assertIn("127.0.0.2 web-1: /latest/user-data refused by the forward policy", logs.text)
-        self.assertIn("/latest/meta-data/tags/instance/Name refused by the forward policy", logs.text)
+        refusals = [line for line in logs.text.splitlines() if line.startswith("INFO audit refused ")]
+        self.assertIn('reason="path /latest/user-data refused by the forward policy"', refusals[0])
+        self.assertIn('name="web-1"', refusals[0])
+        self.assertIn('source="127.0.0.2"', refusals[0])
+        self.assertTrue(any('reason="path /latest/meta-data/tags/instance/Name refused by the forward policy"'
+                            in line for line in refusals))
         self.assertEqual(self.forwarded(), ["/latest/meta-data/nothing-here"])
         self.assertEqual(self.fx.request("/latest/", "127.0.0.2")[2], "dynamic\nmeta-data")
         self.assertEqual(self.fx.request("/latest/meta-data/instance-id", "127.0.0.99")[2], "i-0host0000000000")
@@ -2784,6 +2793,135 @@ class TestStaticCache(unittest.TestCase):
             self.assertEqual(fx.request("/latest/meta-data/spot/instance-action", source)[0], 200)
         self.assertEqual(fx.imds.paths().count(path), 1)
         self.assertEqual(fx.imds.paths().count("/latest/meta-data/spot/instance-action"), 3)
+
+
+ALIAS = "ec2metaproxy.RoleAlias"
+CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
+
+
+class TestAudit(ProxyTestCase):
+    """One audit line per AccessKeyId newly handed to a container, one per refusal, never a secret."""
+
+    config = {"aliasToARN": {"web": arn("web-role"), "db": arn("db-role"),
+                             "billing": {"arn": arn("billing-role"),
+                                         "allow": {"images": ["registry.example/billing:*"]}}},
+              "defaultAlias": None}
+
+    def setUp(self):
+        super().setUp()
+        self.web = self.docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, image="nginx:1.25",
+                                             emit=False)
+
+    def token(self, source):
+        return self.fx.request("/latest/api/token", source, method="PUT",
+                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})[2]
+
+    @staticmethod
+    def lines(text, outcome):
+        return [line for line in text.splitlines() if line.startswith(f"INFO audit {outcome} ")]
+
+    def test_a_new_access_key_id_is_audited_once_with_every_field_in_text_and_json(self):
+        self.start()
+        with LogCapture() as logs, LogCapture(emp.JsonFormatter()) as json_logs:
+            token = self.token("127.0.0.2")
+            status, creds = self.fx.credentials("127.0.0.2", "web-role")
+            self.assertEqual(status, 200)
+            self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"], creds["AccessKeyId"])
+            status, _, body = self.fx.request(CREDENTIALS + "web-role", "127.0.0.2",
+                                              headers={"X-aws-ec2-metadata-token": token})
+            self.assertEqual(json.loads(body)["AccessKeyId"], creds["AccessKeyId"])
+        self.assertEqual(self.lines(logs.text, "granted"), [
+            f'INFO audit granted container="{self.web}" name="web-1" image="nginx:1.25" alias="web" '
+            f'role="{arn("web-role")}" session="web-1" access_key_id="{creds["AccessKeyId"]}" '
+            f'expiration="{creds["Expiration"]}" source="127.0.0.2" imds="v1" reason="-"'])
+        records = [json.loads(line) for line in json_logs.text.splitlines()]   # every line is one object
+        audits = [record for record in records if record.get("event") == "audit"]
+        self.assertEqual(len(audits), 1, audits)
+        self.assertEqual({key: value for key, value in audits[0].items() if key not in ("time", "message")}, {
+            "level": "INFO", "logger": "ec2metaproxy", "event": "audit", "outcome": "granted",
+            "container_id": self.web, "container_name": "web-1", "image": "nginx:1.25", "alias": "web",
+            "role_arn": arn("web-role"), "session_name": "web-1", "access_key_id": creds["AccessKeyId"],
+            "expiration": creds["Expiration"], "source": "127.0.0.2", "imds": "v1", "reason": "-"})
+        self.assertRegex(audits[0]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        access = [record for record in records if record.get("event") == "access"]
+        self.assertIn({"source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+                       "path": CREDENTIALS + "web-role", "status": 200},
+                      [{key: record[key] for key in ("source", "container", "role", "method", "path", "status")}
+                       for record in access])
+        self.assertTrue(all(isinstance(record["ms"], float) for record in access))
+        for secret in (creds["SecretAccessKey"], creds["Token"], token):
+            for text in (logs.text, json_logs.text):
+                self.assertNotIn(secret, text)
+                self.assertNotIn(secret[:20], text)
+
+    def test_every_refusal_is_audited_with_its_reason(self):
+        STS.deny = {arn("db-role")}
+        self.docker.add_container("typo-1", ["127.0.0.3"], labels={ALIAS: "wbe"}, emit=False)
+        self.docker.add_container("evil-1", ["127.0.0.4"], labels={ALIAS: "billing"}, image="evil/billing:1",
+                                  emit=False)
+        self.docker.add_container("plain-1", ["127.0.0.5"], emit=False)
+        self.docker.add_container("db-1", ["127.0.0.6"], labels={ALIAS: "db"}, emit=False)
+        self.start()
+        with LogCapture() as logs:
+            for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.7"):
+                self.assertEqual(self.fx.request(CREDENTIALS, source)[0], 404, source)
+            self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.5",
+                                             headers={"X-aws-ec2-metadata-token": self.token("127.0.0.5")})[0], 404)
+            self.assertEqual(self.fx.credentials("127.0.0.6", "db-role")[0], 503)
+            self.assertEqual(self.fx.credentials("127.0.0.2", "db-role")[0], 404)
+            self.assertEqual(self.fx.request("/latest/meta-data/identity-credentials/ec2/info", "127.0.0.2")[0], 404)
+        refused = self.lines(logs.text, "refused")
+        expected = [
+            r'name="typo-1" image="busybox:latest" alias="-" role="-" session="-" access_key_id="-" '
+            r'expiration="-" source="127\.0\.0\.3" imds="v1" reason="label ec2metaproxy\.RoleAlias names '
+            r"alias 'wbe', which is not in aliasToARN\"$",
+            rf'name="evil-1" image="evil/billing:1" alias="billing" role="{re.escape(arn("billing-role"))}" '
+            r'session="-" access_key_id="-" expiration="-" source="127\.0\.0\.4" imds="v1" '
+            r"reason=\"alias 'billing' is not allowed for it by its allow rule \(image 'evil/billing:1' matches none",
+            r'name="plain-1" .* source="127\.0\.0\.5" imds="v1" reason="no role label and no defaultAlias"$',
+            r'container="-" name="-" image="-" alias="-" .* source="127\.0\.0\.7" imds="v1" '
+            r'reason="no container at this address"$',
+            r'name="plain-1" .* source="127\.0\.0\.5" imds="v2" reason="no role label and no defaultAlias"$',
+            rf'name="db-1" image="busybox:latest" alias="db" role="{re.escape(arn("db-role"))}" session="db-1" '
+            r'access_key_id="-" expiration="-" source="127\.0\.0\.6" imds="v1" reason="STS error AccessDenied"$',
+            rf'name="web-1" image="nginx:1\.25" alias="web" role="{re.escape(arn("web-role"))}" .* '
+            r'reason="asked for role db-role, not its own"$',
+            r'name="web-1" .* alias="-" role="-" .* source="127\.0\.0\.2" imds="v1" '
+            r'reason="identity-credentials are the host\'s"$',
+        ]
+        self.assertEqual(len(refused), len(expected), logs.text)
+        for line, pattern in zip(refused, expected):
+            self.assertRegex(line, pattern)
+        self.assertEqual(self.lines(logs.text, "granted"), [])
+
+
+class TestAuditMemory(unittest.TestCase):
+    """Audit on its own: a line per AccessKeyId new to a container, and nothing kept once it is gone."""
+
+    def creds(self, access_key_id):
+        return emp.Credentials.issue(access_key_id, "secret", "token", 2000000000.0, 1000.0, ACCOUNT)
+
+    def test_a_line_when_the_key_changes_and_none_when_it_does_not(self):
+        audit = emp.Audit()
+        web = container("web-1", cid="a" * 64)
+        decision = emp.RoleResolver(emp.parse_config(base_config())).decision_for(web)
+        with LogCapture() as logs:
+            for key in ("ASIAFIRSTKEY00000001", "ASIAFIRSTKEY00000001", "ASIASECONDKEY0000002", "ASIASECONDKEY0000002"):
+                audit.handed("127.0.0.2", "v2", web, decision, self.creds(key))
+            self.assertEqual(len(audit), 1)
+            audit.forget([web.id])
+            self.assertEqual(len(audit), 0)
+            audit.handed("127.0.0.2", "v2", web, decision, self.creds("ASIASECONDKEY0000002"))
+        self.assertEqual(re.findall(r'access_key_id="(\S+)"', logs.text),
+                         ["ASIAFIRSTKEY00000001", "ASIASECONDKEY0000002", "ASIASECONDKEY0000002"])
+
+    def test_what_it_remembers_is_bounded(self):
+        audit = emp.Audit(remembered=3)
+        decision = emp.RoleResolver(emp.parse_config(base_config())).decision_for(container())
+        for number in range(10):
+            audit.handed("10.1.0.1", "v1", container(cid=f"static-10.1.0.{number}"), decision,
+                         self.creds("ASIAFIRSTKEY00000001"))
+            self.assertLessEqual(len(audit), 3)
 
 
 #####################################################################
@@ -3920,6 +4058,39 @@ class TestRedaction(unittest.TestCase):
         self.assertEqual(line, f"INFO assumed {self.KEPT[1]} for {self.KEPT[0]}: [redacted]")
 
 
+class TestJsonFormatter(unittest.TestCase):
+    """logFormat "json": one object a line, fixed field names, redacted like a text line."""
+
+    def test_a_plain_line_has_time_level_logger_message_and_secrets_redacted(self):
+        formatter = emp.log_formatter("json")
+        record = logging.LogRecord("ec2metaproxy", logging.WARNING, __file__, 1, "key %s for %s",
+                                   (TestRedaction.SECRETS[0], "web-1"), None)
+        record.created, record.msecs = 1700000000.25, 250.0
+        line = formatter.format(record)
+        self.assertNotIn("\n", line)
+        self.assertEqual(json.loads(line), {"time": "2023-11-14T22:13:20.250Z", "level": "WARNING",
+                                            "logger": "ec2metaproxy", "message": "key [redacted] for web-1"})
+
+    def test_an_access_line_carries_its_fields_and_an_exception_its_text(self):
+        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 0, "%s %s %s %s %s %d %.1fms",
+                                   ("127.0.0.2", "web-1", "web-role", "GET", "/latest/meta-data/", 200, 1.234),
+                                   None)
+        record.fields, record.event = emp.ACCESS_FIELDS, "access"
+        fields = json.loads(emp.JsonFormatter().format(record))
+        self.assertEqual({key: value for key, value in fields.items() if key != "time"}, {
+            "level": "INFO", "logger": "ec2metaproxy",
+            "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/ 200 1.2ms",
+            "event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+            "path": "/latest/meta-data/", "status": 200, "ms": 1.2})
+        try:
+            raise ValueError(TestRedaction.SECRETS[0])
+        except ValueError:
+            record = logging.LogRecord("ec2metaproxy", logging.ERROR, __file__, 0, "failed", (), sys.exc_info())
+        fields = json.loads(emp.JsonFormatter().format(record))
+        self.assertIn("ValueError: [redacted]", fields["exception"])
+        self.assertEqual(emp.log_formatter("text").format(record).splitlines()[0][-13:], " ERROR failed")
+
+
 class TestDroppingQueueHandler(unittest.TestCase):
 
     def record(self, text):
@@ -3981,6 +4152,229 @@ class TestProxy(unittest.TestCase):
         proxy = emp.Proxy(config, sts=ShiftedSts(FakeClock()))
         self.addCleanup(proxy.server.server_close)
         self.assertNotIn("AWS_EC2_METADATA_DISABLED", os.environ)
+
+
+class TestReload(ProxyTestCase):
+    """Proxy.reload: a validated config swapped in whole; changed roles re-decided, other caches kept."""
+
+    config = {"staticMappings": {"127.0.1.0/24": "web"}}
+
+    def setUp(self):
+        super().setUp()
+        self.web = self.docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, emit=False)
+        self.db = self.docker.add_container("db-1", ["127.0.0.3"], labels={ALIAS: "db"}, emit=False)
+        self.start()
+
+    def reload(self, **changes):
+        data = dict(self.fx.config_data, **changes)
+        with LogCapture() as logs:
+            in_force = self.fx.proxy.reload(emp.parse_config(data))
+        return in_force, logs.text
+
+    def assumed(self, role_arn):
+        return [form for form in list(STS.requests) if form.get("RoleArn") == role_arn]
+
+    def test_a_changed_alias_gets_its_containers_new_credentials_and_the_others_keep_theirs(self):
+        web_before = self.fx.credentials("127.0.0.2", "web-role")[1]["AccessKeyId"]
+        db_before = self.fx.credentials("127.0.0.3", "db-role")[1]["AccessKeyId"]
+        db_calls = len(self.assumed(arn("db-role")))
+        aliases = dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2"))
+        _, logs = self.reload(aliasToARN=aliases)
+        self.assertIn(f"config reloaded: 3 aliases; 1 of 2 containers changed role; "
+                      f"web-1: {arn('web-role')} -> {arn('web-role-2')}", logs)
+        # Prefetched by the reload, before any request asks for it.
+        self.assertTrue(wait_until(lambda: self.fx.proxy.credentials.counts()["fetched"] == 2, timeout=5))
+        self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 2)   # web-role's were dropped
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role-2")
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 404)
+        status, creds = self.fx.credentials("127.0.0.2", "web-role-2")
+        self.assertEqual(status, 200)
+        self.assertNotEqual(creds["AccessKeyId"], web_before)
+        self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[1]["AccessKeyId"], db_before)
+        self.assertEqual(len(self.assumed(arn("db-role"))), db_calls)
+        self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
+
+    def test_a_static_mapping_stand_in_is_decided_again_too(self):
+        self.assertEqual(self.fx.credentials("127.0.1.5", "web-role")[0], 200)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)
+        _, logs = self.reload(aliasToARN=dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2")))
+        self.assertIn("config reloaded: 3 aliases; 2 of 3 containers changed role; ", logs)
+        self.assertIn(f"static-127.0.1.5: {arn('web-role')} -> {arn('web-role-2')}", logs)
+        self.assertTrue(wait_until(lambda: len(self.assumed(arn("web-role-2"))) == 2, timeout=5))
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)   # none left for web-role
+        self.assertEqual(self.fx.credentials("127.0.1.5", "web-role-2")[0], 200)
+
+    def test_an_allow_rule_added_by_a_reload_takes_the_role_away(self):
+        self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[0], 200)
+        aliases = dict(self.fx.config_data["aliasToARN"], db={"arn": arn("db-role"),
+                                                              "allow": {"images": ["postgres:*"]}})
+        _, logs = self.reload(aliasToARN=aliases)
+        self.assertIn(f"db-1: {arn('db-role')} -> none", logs)
+        self.assertRegex(logs, r"container db-1 .* gets no credentials: alias 'db' is not allowed")
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.3")[0], 404)
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 1)   # web's only
+
+    def test_restart_only_keys_are_refused_with_a_line_and_the_rest_applies(self):
+        port = self.fx.port
+        in_force, logs = self.reload(listen="127.0.0.1:1", dockerHost="unix:///elsewhere.sock", requireTokens=True)
+        self.assertIn("config reload: listen cannot change without a restart; it stays as it was", logs)
+        self.assertIn("config reload: dockerHost cannot change without a restart; it stays as it was", logs)
+        self.assertEqual(in_force.listen, ("127.0.0.1", 0))
+        self.assertEqual(in_force.docker_socket, self.docker.socket_path)
+        self.assertTrue(in_force.require_tokens)
+        self.assertEqual(self.fx.proxy.address[1], port)
+        self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[0], 401)   # requireTokens is in force
+
+    def test_a_config_file_that_fails_validation_leaves_the_running_config(self):
+        path = os.path.join(self.fx.tmp, "config.json")
+        for text, why in (('{"listen": ', "invalid JSON at line 1 column 12: Expecting value"),
+                          (json.dumps(dict(self.fx.config_data, defaultAlias="nope")),
+                           "defaultAlias: 'nope' is not an alias in aliasToARN")):
+            with open(path, "w") as handle:
+                handle.write(text)
+            with LogCapture() as logs:
+                in_force = self.fx.proxy.reload_from(path)
+            self.assertIs(in_force, self.fx.config)
+            self.assertEqual([line for line in logs.text.splitlines() if "config reload" in line],
+                             [f"ERROR config reload failed, keeping the running config: {path}: {why}"])
+            self.assertEqual(self.fx.request(CREDENTIALS, "127.0.0.2")[2], "web-role")
+
+
+class TestCommands(unittest.TestCase):
+    """--explain and --validate-roles: run as main() runs them, printing to stdout, and exit."""
+
+    POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}
+
+    def setUp(self):
+        STS.reset()
+        self.tmp = tempfile.mkdtemp(prefix="emp-cmd-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.docker = DockerStandIn(os.path.join(self.tmp, "docker.sock")).start()
+        self.addCleanup(self.docker.stop)
+        self.config = base_config(dockerHost="unix://" + self.docker.socket_path, aliasToARN={
+            "default": arn("default-role"),
+            "web": {"arn": arn("web-role"), "externalId": "ext-1", "sessionDuration": 7200,
+                    "policyArns": ["arn:aws:iam::aws:policy/ReadOnlyAccess"], "sessionTags": {"team": "{label:team}"}},
+            "db": {"arn": arn("db-role"), "sessionDuration": 7200},
+            "billing": {"arn": arn("billing-role"), "policy": self.POLICY, "allow": {"images": ["billing/*"]}},
+        }, staticMappings={"10.1.0.0/16": "db"})
+
+    def run_main(self, *args):
+        path = os.path.join(self.tmp, "config.json")
+        with open(path, "w") as handle:
+            json.dump(self.config, handle)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = emp.main(["-c", path, *args])
+        return code, out.getvalue()
+
+    def test_explain_prints_the_decision_by_address_name_or_id_without_calling_sts(self):
+        web = self.docker.add_container("web-1", ["127.0.0.2"], image="nginx:1.25", emit=False, labels={
+            ALIAS: "web", "team": "payments", "ec2metaproxy.Policy": json.dumps(self.POLICY)})
+        self.docker.add_container("evil-1", ["127.0.0.3"], labels={ALIAS: "billing"}, image="evil/billing:1",
+                                  emit=False)
+        plain = self.docker.add_container("plain-1", ["127.0.0.4"], emit=False)
+        code, out = self.run_main("--explain", "127.0.0.2")
+        self.assertEqual((code, out.splitlines()), (0, [
+            f"container:       web-1 ({web[:12]})",
+            "image:           nginx:1.25",
+            "addresses:       127.0.0.2",
+            "rule:            label ec2metaproxy.RoleAlias",
+            "alias:           web",
+            f"role ARN:        {arn('web-role')}",
+            "session name:    web-1",
+            "duration:        7200s",
+            "external id:     set",
+            'policy:          {"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"*"}],'
+            '"Version":"2012-10-17"}',
+            "policy ARNs:     arn:aws:iam::aws:policy/ReadOnlyAccess",
+            "tags:            team=payments",
+            "source identity: -"]))
+        code, out = self.run_main("--explain", "evil-1")
+        self.assertEqual(code, 1)
+        self.assertIn("rule:            label ec2metaproxy.RoleAlias\nalias:           billing\n"
+                      f"role ARN:        {arn('billing-role')}\n"
+                      "credentials:     none: alias 'billing' is not allowed for it by its allow rule "
+                      "(image 'evil/billing:1' matches none of ['billing/*'])\n", out)
+        code, out = self.run_main("--explain", plain[:12])
+        self.assertEqual(code, 0)
+        self.assertIn("rule:            defaultAlias\nalias:           default\n", out)
+        code, out = self.run_main("--explain", "10.1.2.3")
+        self.assertEqual(code, 0)
+        self.assertIn("rule:            staticMappings\nalias:           db\n", out)
+        self.assertEqual(self.run_main("--explain", "127.0.0.9"),
+                         (1, "127.0.0.9: no running container has this address, id or name\n"))
+        self.assertEqual(STS.assume_calls(), 0)
+
+    def test_explain_reads_the_environment_when_env_roles_is_on(self):
+        self.config.update(envRoles=True, defaultAccountId=ACCOUNT, allowedRoles=[arn("app-*")])
+        self.docker.add_container("job-1", ["127.0.0.5"], env=["IAM_ROLE=app-reports", "IAM_EXTERNAL_ID=x"],
+                                  emit=False)
+        code, out = self.run_main("--explain", "job-1")
+        self.assertEqual(code, 0)
+        self.assertIn(f"rule:            env IAM_ROLE\nalias:           IAM_ROLE\nrole ARN:        "
+                      f"{arn('app-reports')}\nsession name:    job-1\n", out)
+        self.assertIn("external id:     set\n", out)
+
+    def test_explain_says_so_when_docker_cannot_be_asked(self):
+        self.docker.stop()
+        code, out = self.run_main("--explain", "127.0.0.2")
+        self.assertEqual(code, 2)
+        self.assertRegex(out, r"^ec2metaproxy: cannot list containers: .*docker\.sock")
+
+    def test_validate_roles_assumes_each_alias_with_its_options_and_prints_stss_answer(self):
+        STS.deny = {arn("web-role")}
+        STS.max_duration = {arn("db-role"): 3600}
+        code, out = self.run_main("--validate-roles")
+        self.assertEqual((code, out.splitlines()), (1, [
+            f"default  {arn('default-role')}  OK",
+            f"web      {arn('web-role')}  AccessDenied: not authorized to perform sts:AssumeRole",
+            f"db       {arn('db-role')}  ValidationError: The requested DurationSeconds exceeds the "
+            "MaxSessionDuration set for this role.",
+            f"billing  {arn('billing-role')}  OK"]))
+        sent = {form["RoleArn"]: form for form in STS.requests}
+        self.assertEqual(len(STS.requests), 4)   # one call each: no retry at a shorter duration
+        self.assertEqual((sent[arn("web-role")]["ExternalId"], sent[arn("web-role")]["DurationSeconds"],
+                          sent[arn("web-role")]["PolicyArns.member.1.arn"]),
+                         ("ext-1", "7200", "arn:aws:iam::aws:policy/ReadOnlyAccess"))
+        self.assertEqual(json.loads(sent[arn("billing-role")]["Policy"]), self.POLICY)
+        STS.reset()
+        self.assertEqual(self.run_main("--validate-roles")[0], 0)
+
+
+class ReloadingWatcher:
+    """Finds the caller only after a reload has happened: the request under way must keep its config."""
+
+    def __init__(self, container, reload):
+        self.container = container
+        self.reload = reload
+
+    def find(self, ip, current, timeout):
+        if current:
+            self.reload()
+        return emp.Found(self.container, True)
+
+
+class TestReloadMidRequest(unittest.TestCase):
+    """A request sees the config in force when it arrived, whole, even if a reload lands mid-way."""
+
+    def test_a_reload_during_a_request_is_the_next_requests(self):
+        old = emp.parse_config(base_config())
+        new = emp.parse_config(base_config(requireTokens=True, aliasToARN=dict(
+            base_config()["aliasToARN"], web=arn("web-role-2"))))
+        web = container("web-1", labels={ALIAS: "web"})
+        service = None
+
+        def reload():
+            service.settings = emp.ServiceSettings(emp.RoleResolver(new), new.require_tokens, new.forward)
+        service = emp.MetadataService(emp.ContainerIndex(), emp.RoleResolver(old), None, emp.TokenIssuer(), None,
+                                      require_tokens=old.require_tokens, watcher=ReloadingWatcher(web, reload))
+        answer = service.answer(emp.Request("GET", CREDENTIALS, "HTTP/1.1", {}, "172.17.0.2"))
+        self.assertEqual((answer.status, answer.body), (200, b"web-role"))   # tokenless and the old role: all old
+        with self.assertRaises(emp.HttpError) as refused:
+            service.answer(emp.Request("GET", CREDENTIALS, "HTTP/1.1", {}, "172.17.0.2"))
+        self.assertEqual(refused.exception.status, 401)   # the next one: all new
 
 
 class TestStsRegion(unittest.TestCase):
@@ -4134,6 +4528,57 @@ class TestMain(ProcessTestCase):
             return True
         except OSError:
             return False
+
+    def test_sighup_reloads_the_config_file_and_every_line_is_json(self):
+        tmp = tempfile.mkdtemp(prefix="emp-main-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        docker = DockerStandIn(os.path.join(tmp, "docker.sock")).start()
+        self.addCleanup(docker.stop)
+        docker.add_container("web-1", ["127.0.0.2"], labels={ALIAS: "web"}, emit=False)
+        port = free_port()
+        config = base_config(listen=f"127.0.0.1:{port}", dockerHost="unix://" + docker.socket_path,
+                             metadataURL=f"http://127.0.0.1:{free_port()}", logFormat="json")
+        process, logs = self.run_proxy(config)
+        path = process.args[process.args.index("-c") + 1]
+        self.assertTrue(wait_until(lambda: "listening on" in logs(), timeout=15), logs())
+
+        def role_listed(path=CREDENTIALS):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+            try:
+                conn.request("GET", path)
+                return conn.getresponse().read().decode()
+            finally:
+                conn.close()
+
+        def hang_up(text, expected):
+            with open(path, "w") as handle:
+                handle.write(text)
+            os.kill(process.pid, signal.SIGHUP)
+            self.assertTrue(wait_until(lambda: expected in logs(), timeout=10), logs())
+
+        self.assertEqual(role_listed(), "web-role")
+        hang_up('{"listen": "127.0.0.1:1", "aliasToARN": {}, "defaultAlias": null}', "config reload failed")
+        self.assertEqual(role_listed(CREDENTIALS + "before"), "404 - Not Found")   # refusals at DEBUG
+        config.update(listen=f"127.0.0.1:{free_port()}", aliasToARN=dict(config["aliasToARN"], web=arn("web-role-2")),
+                      verbose=False)
+        hang_up(json.dumps(config), "config reloaded")
+        self.assertEqual(role_listed(), "web-role-2")
+        self.assertEqual(role_listed(CREDENTIALS + "after"), "404 - Not Found")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        lines = [json.loads(line) for line in logs().splitlines()]   # every line a JSON object
+        messages = [line["message"] for line in lines]
+        self.assertIn("received SIGHUP; reloading " + path, messages)
+        self.assertIn(f"config reload failed, keeping the running config: {path}: "
+                      f"aliasToARN: must name at least one alias", messages)
+        self.assertIn("config reload: listen cannot change without a restart; it stays as it was", messages)
+        self.assertIn(f"config reloaded: 3 aliases; 1 of 1 containers changed role; "
+                      f"web-1: {arn('web-role')} -> {arn('web-role-2')}", messages)
+        self.assertEqual([line["level"] for line in lines if line["message"].startswith("config reload")],
+                         ["ERROR", "WARNING", "INFO"])
+        debug = [line["message"] for line in lines if line["level"] == "DEBUG"]   # verbose, then not
+        self.assertTrue(any(CREDENTIALS + "before" in message for message in debug), debug)
+        self.assertFalse(any(CREDENTIALS + "after" in message for message in debug), debug)
 
     def test_sigint_exits_zero(self):
         port = free_port()

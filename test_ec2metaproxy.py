@@ -4368,8 +4368,8 @@ class TestReloadMidRequest(unittest.TestCase):
 
         def reload():
             service.settings = emp.ServiceSettings(emp.RoleResolver(new), new.require_tokens, new.forward)
-        service = emp.MetadataService(emp.ContainerIndex(), emp.RoleResolver(old), None, emp.TokenIssuer(), None,
-                                      require_tokens=old.require_tokens, watcher=ReloadingWatcher(web, reload))
+        service = emp.MetadataService(ReloadingWatcher(web, reload), emp.RoleResolver(old), None, emp.TokenIssuer(),
+                                      None, require_tokens=old.require_tokens)
         answer = service.answer(emp.Request("GET", CREDENTIALS, "HTTP/1.1", {}, "172.17.0.2"))
         self.assertEqual((answer.status, answer.body), (200, b"web-role"))   # tokenless and the old role: all old
         with self.assertRaises(emp.HttpError) as refused:

@@ -1213,7 +1213,8 @@ class DockerWatcher:
         credential or token request): while events are not followed, a known address waits
         (bounded) for a listing begun now; an unknown address waits (bounded) for Docker to
         list it. A static mapping applies only to an address Docker does not know once that
-        wait is over.
+        wait is over and Docker has answered: while it is slow or down, an address in a
+        mapped range may belong to a container that just started.
         """
         index = self._index
         following = self.following()
@@ -1231,7 +1232,9 @@ class DockerWatcher:
                     return Found(index.lookup(ip), fresh)
             else:
                 fresh = self._wait_unknown_locked(ip, deadline)
-        return Found(index.lookup(ip) if index.knows(ip) else index.static(ip), fresh)
+        if index.knows(ip):
+            return Found(index.lookup(ip), fresh)
+        return Found(index.static(ip) if fresh else None, fresh)
 
     def _wait_listing_locked(self, ticket: int, deadline: float) -> bool:
         return self._changed.wait_for(lambda: self._finished >= ticket or self._stop.is_set(),
@@ -2996,7 +2999,7 @@ class MetadataService:
     def require_tokens(self) -> bool:
         return self.settings.require_tokens
 
-    def caller(self, source: str, resync: bool) -> Optional[Container]:
+    def caller(self, source: str, resync: bool, sure: bool = False) -> Optional[Container]:
         """The container behind a source address, or its static mapping (DockerWatcher.find).
 
         With resync (a credential or token request), Docker's answer must be current, waiting
@@ -3005,6 +3008,9 @@ class MetadataService:
         """
         found = self.watcher.find(source, resync, self.resync_timeout)
         if resync and not found.fresh:
+            if sure and found.container is None:
+                # Unknown, and Docker did not say in time: a new container's, or a mapped one's?
+                raise HttpError(503, "Docker did not answer in time; who this is is not known yet")
             log.debug("%s: Docker did not answer in time; using what it said last", source)
         return found.container
 
@@ -3028,7 +3034,7 @@ class MetadataService:
     def binding(container: Optional[Container], source: str) -> str:
         return container.id if container is not None else "ip:" + source
 
-    def authorize(self, request: Request, resync: bool) -> Optional[Container]:
+    def authorize(self, request: Request, resync: bool, sure: bool = False) -> Optional[Container]:
         """Check the method and the IMDSv2 token of a metadata read; return the caller.
 
         The caller is looked up once, so the token is checked against the very container
@@ -3039,7 +3045,7 @@ class MetadataService:
         token = request.headers.get(TOKEN_HEADER)
         if token is None and request.settings.require_tokens:
             raise HttpError(401, "no token")   # IMDSv2 only, like HttpTokens=required
-        container = self.caller(request.source, resync)
+        container = self.caller(request.source, resync, sure)
         # A token taken while the caller was unknown is bound to its address, and stops
         # working once a container is known there: the address may have been reused.
         if token is not None and not self.tokens.valid(token, self.binding(container, request.source)):
@@ -3068,7 +3074,7 @@ class MetadataService:
 
     def iam(self, request: Request, path: str, match, deadline: float) -> Answer:
         """A path under meta-data/iam/, answered for the calling container; never the host's."""
-        container = self.authorize(request, resync=True)
+        container = self.authorize(request, resync=True, sure=True)
         if not VALID_VERSION.match(match.group(1)):
             raise HttpError(404, "no such metadata version")
         decision = request.settings.roles.decision_for(container) if container is not None else NO_CALLER
@@ -3436,6 +3442,9 @@ class RequestReader:
             return
         remaining -= len(self.buffer)
         self.buffer = b""
+        # Waiting for a body is as slow as waiting for a head: reclaimable under pressure.
+        if not self.admission.mark(self.conn, Connection.READING):
+            raise HttpError(408, "connection reclaimed while its body was awaited", close=True)
         deadline = self.clock() + self.limits.request_timeout
         while remaining > 0:
             timeout = deadline - self.clock()
@@ -3450,6 +3459,8 @@ class RequestReader:
                 raise HttpError(400, "connection closed inside the body")
             remaining -= len(chunk)
         self.buffer = chunk[len(chunk) + remaining:]
+        if not self.admission.mark(self.conn, Connection.BUSY):
+            raise HttpError(408, "connection reclaimed while its body was awaited", close=True)
 
 # Field names of an access line, in its text order; JSON log lines carry them as keys (see README).
 ACCESS_FIELDS = ("source", "container", "role", "method", "path", "status", "ms")

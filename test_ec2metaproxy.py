@@ -1321,6 +1321,20 @@ class TestFindingTheCaller(ProxyTestCase):
         status, _, role = self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.3.99")
         self.assertEqual((status, role), (200, "default-role"))
 
+    def test_while_docker_is_slow_or_down_a_static_range_gets_nothing(self):
+        self.start()
+        self.docker.add_container("db-9", ["127.0.3.20"], labels={"ec2metaproxy.RoleAlias": "db"}, emit=False)
+        self.docker.list_delay = 1.0   # listings answer after the request's wait is over
+        for path in ("/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/security-credentials/default-role"):
+            status, _, body = self.fx.request(path, "127.0.3.20")
+            self.assertEqual(status, 503, body)   # not the static default: it may be db-9, which Docker is about to list
+        self.docker.list_delay = 0.0
+        self.docker.fail_status = 500   # Docker failing
+        status, _, _ = self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.3.21")
+        self.assertEqual(status, 503)
+        self.assertFalse(any(form.get("RoleArn") == arn("default-role") and "127.0.3.2" in form.get("RoleSessionName", "")
+                             for form in STS.requests))
+
 
 #####################################################################
 # Roles #############################################################
@@ -3589,15 +3603,15 @@ class TestHostileInput(ProxyTestCase):
         self.assertLess(received.count(b"HTTP/1.1 "), 400)
         self.assertServesGoodContainer()
 
-    def fill_the_cap(self, slow):
-        """8 sources holding 8 connections each: the cap of 64. Idle ones, or half-sent heads (slow)."""
+    def fill_the_cap(self, slow, opening=b"GET /latest/meta-data/ HTTP/1.1\r\nX-Slow: "):
+        """8 sources holding 8 connections each: the cap of 64. Idle ones, or half-sent requests (slow)."""
         held = []
         self.addCleanup(lambda: [sock.close() for sock in held])
         for number in range(64):
             sock = socket.create_connection(("127.0.0.1", self.fx.port), timeout=5,
                                             source_address=(f"127.0.3.{number % 8 + 1}", 0))
             if slow:
-                sock.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\nX-Slow: ")
+                sock.sendall(opening)
             held.append(sock)
         self.assertTrue(wait_until(lambda: self.fx.proxy.server.admission.total == 64))
         return held
@@ -3622,6 +3636,12 @@ class TestHostileInput(ProxyTestCase):
 
     def test_a_newcomer_is_admitted_when_slow_connections_fill_the_cap(self):
         held = self.fill_the_cap(slow=True)
+        self.assertServesGoodContainer()
+        self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
+
+    def test_a_newcomer_is_admitted_when_half_sent_bodies_fill_the_cap(self):
+        held = self.fill_the_cap(slow=True, opening=b"PUT /latest/api/token HTTP/1.1\r\n"
+                                 b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 65536\r\n\r\nx")
         self.assertServesGoodContainer()
         self.assertTrue(wait_until(lambda: self.closed_by_the_proxy(held) >= 1))
 

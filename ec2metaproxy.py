@@ -2006,6 +2006,7 @@ class _Entry:
     retry_at: float = 0.0
     orphan: bool = False   # made by a request that raced its container's removal: kept for that request only
     provisional: bool = False   # fetched on a create event: not refreshed or retried until the start adopts it
+    on_demand: bool = False   # a staticMappings address's: refreshed only when asked, dropped when it expires
 
 
 class CredentialCache:
@@ -2110,8 +2111,13 @@ class CredentialCache:
                     self._wait_for_locked(key, entry)
         return entry.creds
 
-    def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float) -> Credentials:
-        """Credentials for the container, waiting at most timeout for STS; else CredentialError."""
+    def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float,
+            on_demand: bool = False) -> Credentials:
+        """Credentials for the container, waiting at most timeout for STS; else CredentialError.
+
+        On demand (an address of a staticMappings range, which no event ever removes): the
+        entry is not kept up in the background, and goes when its credentials expire unused.
+        """
         creds = self.cached(container_id, spec)
         if creds is not None:
             self.metrics.cache_hits.inc()
@@ -2120,7 +2126,10 @@ class CredentialCache:
         self.metrics.cache_misses.inc()
         key = self._key(container_id, spec)
         with self._lock:
+            fresh = key not in self._entries
             entry = self._entry_locked(key, container_id, label)
+            if fresh:
+                entry.on_demand = on_demand
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
@@ -2271,6 +2280,11 @@ class CredentialCache:
             if when > now:
                 return None, min(when - now, 1.0)
             entry = self._entries.get(key)
+            if entry is not None and entry.on_demand:
+                heapq.heappop(self._due)
+                if entry.done is None and (entry.creds is None or entry.creds.expiration - self.MIN_VALID <= now):
+                    self._forget_locked(key)   # unused since its last fetch: nothing keeps it
+                continue
             if (entry is not None and entry.done is None
                     and (entry.creds is None or now >= entry.refresh_at)):
                 return key, 0.0
@@ -2314,14 +2328,15 @@ class CredentialCache:
                 lifetime = max(creds.expiration - now, 0.0)
                 entry.creds, entry.error, entry.failures = creds, None, 0
                 entry.refresh_at = refresh_time(creds.expiration, lifetime)
-                if current:
-                    self._schedule_locked(key, entry.refresh_at)
+                if current:   # an on-demand entry comes due only to be dropped if unused by then
+                    self._schedule_locked(key, creds.expiration - self.MIN_VALID if entry.on_demand
+                                          else entry.refresh_at)
             else:
                 entry.error = error
                 entry.failures += 1
                 holding = entry.creds is not None and entry.creds.expiration > now
                 entry.retry_at = now + retry_delay(entry.failures, error, self._retry_cap, holding)
-                if current:
+                if current and not entry.on_demand:   # on demand: the next request tries again
                     self._schedule_locked(key, entry.retry_at)
         done.set()
         if creds is not None:
@@ -3107,7 +3122,8 @@ class MetadataService:
                                f"asked for role {ascii(rest[1])[1:-1][:64]}, not its own")
             raise HttpError(404, "another role's name")
         try:
-            creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()))
+            creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()),
+                                         on_demand=container.static_alias is not None)
         except CredentialError as exc:
             self.audit.refused(request.source, imds_version(request), container, decision,
                                f"STS error {exc.code}")

@@ -1838,6 +1838,20 @@ class TestCredentialCache(unittest.TestCase):
         self.assertIsNone(cache.cached("c3", shared))
         self.assertEqual(len(cache), 1)   # only c4's
 
+    def test_an_on_demand_entry_is_refreshed_when_asked_and_dropped_when_unused(self):
+        spec = emp.RoleSpec(arn("default-role"), "static-127.0.3.5")
+        first = self.cache.get("static-127.0.3.5", "static-127.0.3.5", spec, 5, on_demand=True)
+        self.assertEqual(self.cache.counts()["scheduled"], 1)   # a check at its expiry, not a refresh
+        self.clock.now = first.expiration - 1500   # past its refresh time: asked, it is refreshed
+        self.assertEqual(self.cache.get("static-127.0.3.5", "static-127.0.3.5", spec, 5).access_key_id,
+                         first.access_key_id)
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 2 and self.cache.cached("static-127.0.3.5", spec)
+                                   and self.cache.cached("static-127.0.3.5", spec).access_key_id != first.access_key_id))
+        second = self.cache.cached("static-127.0.3.5", spec)
+        self.clock.now = second.expiration - 30   # never asked again: it goes, with no STS call
+        self.assertTrue(wait_until(lambda: len(self.cache) == 0, timeout=5))
+        self.assertEqual(STS.assume_calls(), 2)
+
     def test_keys_separate_containers_and_options_and_drop_removes(self):
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
         one = self.cache.get("c1", "web-1", self.spec, 5)

@@ -562,6 +562,8 @@ def parse_alias(key: str, value) -> AliasOptions:
 FORWARD_PRESETS = {
     "deny-user-data": ("user-data",),
     "deny-tags": ("meta-data/tags",),
+    # The signed identity document lets its holder prove it is the instance (Vault's AWS auth, say).
+    "deny-identity": ("dynamic/instance-identity",),
 }
 TREES = ("meta-data", "user-data", "dynamic")   # what a version holds; a bare pattern is under meta-data/
 
@@ -2602,10 +2604,16 @@ def path_readings(path: str) -> List[str]:
     return readings
 
 
+def as_read(segment: str) -> str:
+    """A segment as a lenient server may read it: spaces around it, and trailing dots, dropped."""
+    segment = segment.strip()
+    return segment if segment in (".", "..") else segment.rstrip(". ")
+
+
 def names_credentials(path: str) -> bool:
     """Whether any reading of path names iam/, security-credentials* or identity-credentials."""
     for reading in path_readings(path):
-        for segment in resolve_dots(segment.strip() for segment in reading.split("/")):
+        for segment in resolve_dots(as_read(segment) for segment in reading.split("/")):
             if segment in ("iam", "identity-credentials") or segment.startswith("security-credentials"):
                 return True
     return False

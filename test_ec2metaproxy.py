@@ -1987,7 +1987,8 @@ class TestNormalizePath(unittest.TestCase):
         for path in ("/latest/meta-data/iam%2Fsecurity-credentials%2Fx", "/latest/meta-data/%69am/info",
                      "/latest/meta-data/iam;x/info", "/latest/meta-data/x;/../IDENTITY-CREDENTIALS/ec2",
                      "/latest/dynamic/Security-Credentials-Extended", "/latest/meta-data/ iam /info",
-                     "/latest/meta-data/x/%252e%252e/%2569am", "/latest/meta-data/iam?/../info"):
+                     "/latest/meta-data/x/%252e%252e/%2569am", "/latest/meta-data/iam?/../info",
+                     "/latest/meta-data/iam../info", "/latest/meta-data/identity-credentials./ec2/info"):
             self.assertTrue(emp.names_credentials(path), path)
         for path in ("/latest/meta-data/instance-id", "/latest/meta-data/iamx", "/latest/user-data",
                      "/latest/meta-data/placement/availability-zone", "/latest/meta-data/credentials"):
@@ -2631,6 +2632,11 @@ class TestForwardRule(unittest.TestCase):
         for path in ("/", "/latest", "/latest/", "/latest/meta-data/", "/latest/meta-data/instance-id",
                      "/latest/meta-data/tagsets", "/latest/user-data-x", "/latest/dynamic/instance-identity/document"):
             self.assertTrue(emp.forwardable(rule, path), path)
+        identity = self.rule(["deny-identity"])
+        for path in ("/latest/dynamic/instance-identity/document", "/latest/dynamic/instance-identity/pkcs7",
+                     "/latest/dynamic/Instance-Identity/signature", "/2016-09-02/dynamic/instance-identity/"):
+            self.assertFalse(emp.forwardable(identity, path), path)
+        self.assertTrue(emp.forwardable(identity, "/latest/meta-data/instance-id"))
 
     def test_an_allow_list_allows_what_it_names_and_the_way_to_it(self):
         rule = self.rule({"allow": ["placement/*", "instance-id", "network/interfaces/macs/*/local-ipv4s"]})

@@ -294,6 +294,10 @@ class ProxyMetrics:
     def alias_of(self, arn: str) -> str:
         return self._arn_aliases.get(arn, "IAM_ROLE")
 
+    def set_aliases(self, arn_aliases: Mapping[str, str]) -> None:
+        """A reload's aliases, for the labels from now on (one assignment: readers see old or new)."""
+        self._arn_aliases = dict(arn_aliases)
+
     def request_done(self, route: str, status: int, seconds: float) -> None:
         """One answered request: its count, its latency, and what it says about tokens."""
         self.requests.inc(route, str(status))
@@ -1258,8 +1262,11 @@ class DockerWatcher:
             return (self._index.knows(ip) or self._stop.is_set()
                     or (self._finished >= wanted and self.reachable is False))
         if not self._changed.wait_for(known, min(self.RELIST_AFTER, max(0.0, deadline - self._clock()))):
-            self._ask_locked(Why.UNKNOWN_CALLER)
-            self._changed.wait_for(known, max(0.0, deadline - self._clock()))
+            second = self._ask_locked(Why.UNKNOWN_CALLER)
+            # A listing begun RELIST_AFTER later that does not show it is Docker's answer: not
+            # a container (Docker lists a new one some milliseconds after it can send).
+            self._changed.wait_for(lambda: known() or self._finished >= second,
+                                   max(0.0, deadline - self._clock()))
         return self._finished >= wanted and self.reachable is not False
 
     def following(self) -> bool:
@@ -1555,7 +1562,13 @@ class RoleResolver:
         return self.decision_for(container).spec
 
     def decision_for(self, container: Container) -> Decision:
-        """The container's Decision, made once per container (a refusal logged then)."""
+        """The container's Decision, made once per container (a refusal logged then).
+
+        A staticMappings address is decided each time (a dict lookup): no event ever
+        removes one, so remembering them would grow without bound.
+        """
+        if container.static_alias is not None:
+            return self.explain(container)
         memo = self._memo.get(container.id)
         if memo is not None and memo[0] is container:
             return memo[1]
@@ -2072,14 +2085,15 @@ class CredentialCache:
         """Role ARN -> STS's error code, for each held key whose last fetch failed (for /readyz)."""
         with self._lock:
             return {key[1].arn: entry.error.code for key, entry in self._entries.items()
-                    if entry.error is not None and not entry.provisional}
+                    if entry.error is not None and not (entry.provisional or entry.on_demand)}
 
     def expiring_within(self, seconds: float) -> int:
         """How many held credentials expire within `seconds` (for /readyz: the floor must hold)."""
         horizon = self._clock() + seconds
         with self._lock:
             return sum(1 for entry in self._entries.values()   # a create event's guess is not kept up
-                       if entry.creds is not None and not entry.provisional and entry.creds.expiration < horizon)
+                       if entry.creds is not None and not (entry.provisional or entry.on_demand)
+                       and entry.creds.expiration < horizon)
 
     def start(self) -> None:
         threading.Thread(target=self._release_loop, name="sts-pacer", daemon=True).start()
@@ -2095,13 +2109,13 @@ class CredentialCache:
 
     # The request path
 
-    def cached(self, container_id: str, spec: RoleSpec) -> Optional[Credentials]:
+    def cached(self, container_id: str, spec: RoleSpec, on_demand: bool = False) -> Optional[Credentials]:
         """Credentials to hand out now, without waiting; schedules a refresh when one is due."""
-        key = self._key(container_id, spec)
+        key = self._key(container_id, spec, on_demand)
         entry = self._entries.get(key)
         if entry is None or entry.creds is None:
             return None
-        if self._shared and container_id not in self._users.get(key, ()):
+        if key[0] == self.SHARED and container_id not in self._users.get(key, ()):
             with self._lock:   # another container's session: count this one among its users
                 self._use_locked(key, entry, container_id)
         now = self._clock()
@@ -2120,13 +2134,13 @@ class CredentialCache:
         On demand (an address of a staticMappings range, which no event ever removes): the
         entry is not kept up in the background, and goes when its credentials expire unused.
         """
-        creds = self.cached(container_id, spec)
+        creds = self.cached(container_id, spec, on_demand)
         if creds is not None:
             self.metrics.cache_hits.inc()
             self.metrics.credentials_served.inc()
             return creds
         self.metrics.cache_misses.inc()
-        key = self._key(container_id, spec)
+        key = self._key(container_id, spec, on_demand)
         with self._lock:
             fresh = key not in self._entries
             entry = self._entry_locked(key, container_id, label)
@@ -2148,13 +2162,18 @@ class CredentialCache:
 
     # Background work
 
-    def prefetch(self, container_id: str, label: str, spec: RoleSpec, provisional: bool = False) -> None:
+    def prefetch(self, container_id: str, label: str, spec: RoleSpec, provisional: bool = False,
+                 revive: bool = True) -> None:
         """Fetch credentials for a new container in the background (paced).
 
         Provisional (a create event's guess): fetched once, never refreshed or retried,
         until a prefetch of the same spec at the container's start adopts it.
         """
         with self._lock:
+            if provisional and self._by_container.get(container_id):
+                return   # its start was handled first (a listing beat the create event)
+            if container_id in self._gone and not revive:
+                return   # gone meanwhile (a reload deciding it again raced its removal)
             self._gone.pop(container_id, None)   # a restart keeps the id
             key = self._key(container_id, spec)
             fresh = key not in self._entries
@@ -2168,10 +2187,10 @@ class CredentialCache:
             if entry.creds is None and entry.done is None:
                 self._schedule_locked(key, max(self._clock(), entry.retry_at))
 
-    def forget(self, container_id: str, spec: RoleSpec) -> None:
+    def forget(self, container_id: str, spec: RoleSpec, on_demand: bool = False) -> None:
         """The container no longer uses spec (a reload decided otherwise); the session goes with its last user."""
         with self._lock:
-            self._unlink_locked(self._key(container_id, spec), container_id)
+            self._unlink_locked(self._key(container_id, spec, on_demand), container_id)
 
     def discard_provisional(self, container_id: str, keep: Optional[RoleSpec]) -> None:
         """Drop a started container's create-time fetches for any spec but the one decided at start."""
@@ -2205,8 +2224,9 @@ class CredentialCache:
             self._users.pop(key, None)
             self._entries.pop(key, None)
 
-    def _key(self, container_id: str, spec: RoleSpec) -> Tuple[str, RoleSpec]:
-        return (self.SHARED if self._shared else container_id, spec)
+    def _key(self, container_id: str, spec: RoleSpec, on_demand: bool = False) -> Tuple[str, RoleSpec]:
+        # A staticMappings address never shares: it would keep a shared session alive forever.
+        return (self.SHARED if self._shared and not on_demand else container_id, spec)
 
     def _entry_locked(self, key, container_id: str, label: str) -> _Entry:
         entry = self._entries.get(key)
@@ -2338,7 +2358,7 @@ class CredentialCache:
                 entry.failures += 1
                 holding = entry.creds is not None and entry.creds.expiration > now
                 entry.retry_at = now + retry_delay(entry.failures, error, self._retry_cap, holding)
-                if current and not entry.on_demand:   # on demand: the next request tries again
+                if current:   # on demand: dropped then, unless a request tries again first
                     self._schedule_locked(key, entry.retry_at)
         done.set()
         if creds is not None:
@@ -2468,10 +2488,11 @@ class ContainerLifecycle:
                 if before != after:
                     changes.append((container, before, after))
             for container, before, after in changes:
-                if after is not None:
-                    self._credentials.prefetch(container.id, container.name, after)
+                # A staticMappings address is fetched when it asks (on demand), never ahead.
+                if after is not None and container.static_alias is None:
+                    self._credentials.prefetch(container.id, container.name, after, revive=False)
                 if before is not None:
-                    self._credentials.forget(container.id, before)
+                    self._credentials.forget(container.id, before, container.static_alias is not None)
         return changes
 
 
@@ -4283,6 +4304,7 @@ class Proxy:
             # One assignment puts every request-time setting in force (ServiceSettings); requests
             # first, so none asks for the old roles' credentials once they are dropped.
             self.service.settings = ServiceSettings(roles, new.require_tokens, new.forward)
+            self.metrics.set_aliases({options.arn: name for name, options in new.alias_to_arn.items()})
             decided = self.index.containers(static=True)
             changes = self.lifecycle.reconfigure(roles, decided)
             self.roles, self.config = roles, new

@@ -744,6 +744,12 @@ def metric_samples(text):
 class TestProxyMetrics(unittest.TestCase):
     """The registry's text, read back by prometheus_client's parser."""
 
+    def test_a_reload_relabels_sts_calls_by_the_new_aliases(self):
+        metrics = emp.ProxyMetrics({arn("web-role"): "web"})
+        self.assertEqual(metrics.alias_of(arn("new-role")), "IAM_ROLE")
+        metrics.set_aliases({arn("new-role"): "new"})
+        self.assertEqual((metrics.alias_of(arn("new-role")), metrics.alias_of(arn("web-role"))), ("new", "IAM_ROLE"))
+
     def test_counters_gauges_and_histograms_in_the_exposition_format(self):
         metrics = emp.ProxyMetrics({arn("web-role"): "web"})
         metrics.add(emp.Gauge("ec2metaproxy_test_gauge", "A gauge read at scrape time.", read=lambda: 7))
@@ -1350,6 +1356,13 @@ class TestRoleResolver(unittest.TestCase):
     def resolver(self, **overrides):
         return emp.RoleResolver(emp.parse_config(base_config(**overrides)))
 
+    def test_static_mapping_addresses_are_decided_without_being_remembered(self):
+        roles = self.resolver(staticMappings={"10.9.0.0/16": "web"})
+        for number in range(50):
+            stand_in = emp.Container.static(f"10.9.0.{number}", "web")
+            self.assertEqual(roles.role_for(stand_in).arn, arn("web-role"))
+        self.assertEqual(len(roles), 0)   # no event ever removes an address: nothing to forget it by
+
     def test_label_alias_default_and_null_default(self):
         roles = self.resolver()
         self.assertEqual(roles.role_for(container(labels={"ec2metaproxy.RoleAlias": "web"})).arn, arn("web-role"))
@@ -1851,6 +1864,41 @@ class TestCredentialCache(unittest.TestCase):
         self.clock.now = second.expiration - 30   # never asked again: it goes, with no STS call
         self.assertTrue(wait_until(lambda: len(self.cache) == 0, timeout=5))
         self.assertEqual(STS.assume_calls(), 2)
+
+    def test_an_on_demand_entry_that_failed_goes_and_none_counts_against_readiness(self):
+        spec = emp.RoleSpec(arn("denied-role"), "static-10.9.0.1")
+        STS.deny = {arn("denied-role")}
+        with self.assertRaises(emp.CredentialError):
+            self.cache.get("static-10.9.0.1", "static-10.9.0.1", spec, 5, on_demand=True)
+        self.assertEqual(self.cache.failing(), {})   # an address's failure is its own answer, not a readiness fault
+        self.clock.now += 3600   # past its retry time, unasked: it goes
+        self.assertTrue(wait_until(lambda: len(self.cache) == 0, timeout=5))
+        STS.deny = set()
+        ok = emp.RoleSpec(arn("web-role"), "static-10.9.0.2")
+        creds = self.cache.get("static-10.9.0.2", "static-10.9.0.2", ok, 5, on_demand=True)
+        self.clock.now = creds.expiration - 1000   # near expiry, unasked: not a refresh the proxy owes
+        self.assertEqual(self.cache.expiring_within(1800), 0)
+
+    def test_a_static_address_never_joins_a_shared_session(self):
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200), shared=True)
+        cache.start()
+        self.addCleanup(cache.stop)
+        spec = emp.RoleSpec(arn("web-role"), "ec2metaproxy")
+        shared = cache.get("c1", "web-1", spec, 5)
+        address = cache.get("static-10.9.0.3", "static-10.9.0.3", spec, 5, on_demand=True)
+        self.assertNotEqual(shared.access_key_id, address.access_key_id)
+        cache.drop_container("c1")   # the last container of the session: it goes, the address cannot keep it
+        self.assertIsNone(cache.cached("c1", spec))
+        self.assertEqual(len(cache), 1)
+
+    def test_a_create_event_after_the_start_and_a_reload_after_the_removal_add_nothing(self):
+        started = emp.RoleSpec(arn("web-role"), "web-1")
+        self.cache.prefetch("c1", "web-1", started)
+        self.cache.prefetch("c1", "web-1", emp.RoleSpec(arn("default-role"), "web-1"), provisional=True)
+        self.assertEqual(len(self.cache), 1)   # the start came first: the create event's guess is moot
+        self.cache.drop_container("c1")
+        self.cache.prefetch("c1", "web-1", started, revive=False)   # a reload that listed it before it went
+        self.assertEqual(len(self.cache), 0)
 
     def test_keys_separate_containers_and_options_and_drop_removes(self):
         other = emp.RoleSpec(arn("web-role"), "web-1", external_id="ext-1")
@@ -4242,9 +4290,12 @@ class TestReload(ProxyTestCase):
         _, logs = self.reload(aliasToARN=dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2")))
         self.assertIn("config reloaded: 3 aliases; 2 of 3 containers changed role; ", logs)
         self.assertIn(f"static-127.0.1.5: {arn('web-role')} -> {arn('web-role-2')}", logs)
-        self.assertTrue(wait_until(lambda: len(self.assumed(arn("web-role-2"))) == 2, timeout=5))
-        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)   # none left for web-role
+        # The container's new role is prefetched; the address's is fetched when it asks again,
+        # never ahead (no event would ever remove it), and its old session is gone.
+        self.assertTrue(wait_until(lambda: len(self.assumed(arn("web-role-2"))) == 1, timeout=5))
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 2)
         self.assertEqual(self.fx.credentials("127.0.1.5", "web-role-2")[0], 200)
+        self.assertEqual(len(self.assumed(arn("web-role-2"))), 2)
 
     def test_an_allow_rule_added_by_a_reload_takes_the_role_away(self):
         self.assertEqual(self.fx.credentials("127.0.0.3", "db-role")[0], 200)

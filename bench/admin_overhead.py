@@ -62,11 +62,8 @@ class Scraper:
             self._stop.wait(1.0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
+def measure(rounds, seconds, log=print):
+    """The alternating rounds; returns {"off": [round results], "on": [...], "scrapes": n, "counted": lines}."""
     roles = [sc.hot_role(n) for n in range(1, sc.HOT_CONTAINERS + 1)]
     out = Path(tempfile.mkdtemp(prefix="emp-admin-bench-"))
     with StandIns(out / "docker.sock") as standins, contextlib.ExitStack() as running:
@@ -88,27 +85,36 @@ def main(argv=None):
             sc.check_answers(server.port, standins.sts.url, identity_checks=0)   # every role cached
         results = {name: [] for name in proxies}
         scrapes = 0
-        for round_no in range(1, args.rounds + 1):
+        for round_no in range(1, rounds + 1):
             for name, server in proxies.items():
                 sc.run_loadgen(server.port, 0.5, 1)   # warm-up
                 cpu_before = server.cpu_seconds()
                 if name == "on":
                     with Scraper(admin_port) as scraper:
-                        result = sc.run_loadgen(server.port, args.seconds, 1)
+                        result = sc.run_loadgen(server.port, seconds, 1)
                     scrapes += scraper.scrapes
                     result["scrapes"] = scraper.scrapes
                 else:
-                    result = sc.run_loadgen(server.port, args.seconds, 1)
+                    result = sc.run_loadgen(server.port, seconds, 1)
                 result["cpu_ms_per_request"] = round(
                     1000 * (server.cpu_seconds() - cpu_before) / max(result["requests"], 1), 3)
                 results[name].append(result)
-                print(f"round {round_no} admin {name:3}: {result['rps']:7.0f} req/s  p50 {result['p50_ms']} ms  "
-                      f"p99 {result['p99_ms']} ms  CPU {result['cpu_ms_per_request']} ms/req  "
-                      f"errors {result['errors']}" + (f"  scrapes {result['scrapes']}" if name == "on" else ""),
-                      flush=True)
+                log(f"round {round_no} admin {name:3}: {result['rps']:7.0f} req/s  p50 {result['p50_ms']} ms  "
+                    f"p99 {result['p99_ms']} ms  CPU {result['cpu_ms_per_request']} ms/req  "
+                    f"errors {result['errors']}" + (f"  scrapes {result['scrapes']}" if name == "on" else ""))
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as answer:
             served = [line for line in answer.read().decode().splitlines()
                       if line.startswith('ec2metaproxy_requests_total{route="iam",status="200"}')]
+    return {"off": results["off"], "on": results["on"], "scrapes": scrapes, "counted": served, "logs": str(out)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    measured = measure(args.rounds, args.seconds)
+    results, scrapes, served, out = measured, measured["scrapes"], measured["counted"], measured["logs"]
 
     def median(name, key):
         return statistics.median(result[key] for result in results[name])

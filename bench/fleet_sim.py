@@ -191,7 +191,6 @@ class Fleet:
                 break
             if when != host.wake_at:
                 continue   # superseded by an earlier wake-up
-            host.wake_at = math.inf
             clock.now = when
             self.serve(host, when)
         for host_sessions in self.sessions:
@@ -202,9 +201,11 @@ class Fleet:
     def serve(self, host, now):
         """What the proxy's release loop does: due work, each call through the pacer."""
         due = host.due
+        host.wake_at = -math.inf   # being served: what it schedules meanwhile needs no wake-up of its own
         while due:
             when, _, item = due[0]
             if when > now:
+                host.wake_at = math.inf
                 self.wake(host, when)
                 return
             if not item.alive:
@@ -216,10 +217,12 @@ class Fleet:
                 continue
             pause = host.pacer.take()
             if pause > 0:
+                host.wake_at = math.inf
                 self.wake(host, now + pause)
                 return
             heapq.heappop(due)
             self.call(host, item, now)
+        host.wake_at = math.inf
 
     def replace(self, old, now):
         old.alive = False

@@ -136,6 +136,13 @@ def sts_rows(results):
          f"{entry['sts_calls']:,} ({entry['throttled']:,}), {entry['max_calls_per_s']}/s", DASH, DASH, DASH, "", ""],
         ["same restart: a client's requests meanwhile answered 503",
          f"{unavailable:,} of {asked:,}", DASH, DASH, DASH, "", ""],
+        ["hot path, new connection, admin listener on and scraped every second ÷ off: req/s, p99 "
+         f"(medians of {len(results['admin']['on'])} alternating rounds; off rounds' req/s spread)",
+         f"{ratio(rps(results['admin']['on']), rps(results['admin']['off'])):.3f}x, "
+         f"{ratio(median(r['p99_ms'] for r in results['admin']['on']), median(r['p99_ms'] for r in results['admin']['off'])):.3f}x "
+         f"({fmt(min(r['rps'] for r in results['admin']['off']))}–{fmt(max(r['rps'] for r in results['admin']['off']))})",
+         DASH, DASH, DASH, "within noise (on ≥ the slowest off round)",
+         met(rps(results['admin']['on']) >= min(r['rps'] for r in results['admin']['off']))],
         ["STS calls per container-hour, sessionScope container / role (simulated clock, 5 roles)",
          f"{per_hour['container']} / {per_hour['role']}", DASH, DASH, DASH, "", ""],
     ]
@@ -266,6 +273,9 @@ All traffic stays on loopback.
   STS stand-in answers Throttling above a set rate (a token bucket, like an account's STS
   budget). One client asks random containers for credentials every 10 ms meanwhile. The
   time is until the last container's credentials were fetched.
+- **Admin listener**: two proxies with the same 50 containers, one with `adminListen` and
+  `/metrics` and `/readyz` scraped every second while it is loaded, in alternating rounds
+  of the new-connection hot path (`bench/admin_overhead.py`, also runnable alone).
 - **STS calls per container-hour**: `bench/fleet_sim.py`'s steady state for one host of 50
   containers over {results.get('sim_hours', 24)} simulated hours, with the proxy's own pacer and
   refresh schedule on a simulated clock (see docs/fleet.md).

@@ -36,6 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import admin_overhead  # noqa: E402
 import fleet_sim  # noqa: E402
 import report  # noqa: E402
 import scenarios as sc  # noqa: E402
@@ -195,6 +196,8 @@ def main():
     log(f"restart: {RESTART_CONTAINERS} containers, STS throttling above {RESTART_STS_LIMIT[0]:g}/s")
     results["restart"] = restart(log)
     results["calls_per_container_hour"] = calls_per_container_hour()
+    log("hot path with the admin listener off and on (scraped every second), alternating rounds")
+    results["admin"] = admin_overhead.measure(args.rounds, args.seconds, log)
     results["wall_s"] = round(time.monotonic() - began, 1)
     results_file = OUT_DIR / "results.json"
     results_file.write_text(json.dumps(results, indent=1))

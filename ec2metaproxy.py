@@ -107,11 +107,15 @@ class Backoff:
 
 
 class TokenBucket:
-    """A rate with a burst. Not locked: its owner calls it under its own lock."""
+    """A rate with a burst. Not locked: its owner calls it under its own lock.
+
+    Its owner may change `rate` at any time; the time since the last take refills at the
+    rate in force when the next take comes.
+    """
 
     def __init__(self, rate: float, burst: float, clock: Callable[[], float]):
-        self._rate = rate
-        self._burst = burst
+        self.rate = rate
+        self.burst = burst
         self._clock = clock
         self._tokens = burst
         self._then = clock()
@@ -119,12 +123,16 @@ class TokenBucket:
     def take(self) -> float:
         """Spend a token and return 0, or return the seconds until there is one (spending nothing)."""
         now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._then) * self._rate)
+        self._tokens = min(self.burst, self._tokens + (now - self._then) * self.rate)
         self._then = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens > 1.0 - 1e-9:   # a token refilled exactly on time, up to rounding
+            self._tokens -= 1.0
             return 0.0
-        return (1 - self._tokens) / self._rate
+        return (1.0 - self._tokens) / self.rate
+
+    def drain(self) -> None:
+        """Spend what is saved: the next token comes one interval from the last take at the earliest."""
+        self._tokens = min(self._tokens, 0.0)
 
 
 #####################################################################
@@ -1962,28 +1970,24 @@ class StsPacer:
     def __init__(self, rate: float = 25.0, burst: float = 10.0, floor: float = 0.05, quiet: float = 60.0,
                  step: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
         self.ceiling = rate
-        self.rate = rate
-        self.burst = max(1.0, burst)
         self.floor = min(floor, rate)
         self.quiet = quiet
         self.step = step if step is not None else max(rate / 10.0, 0.1)
         self.throttles = 0
         self._clock = clock
-        self._tokens = self.burst
-        self._filled_at = clock()
+        self._bucket = TokenBucket(rate, max(1.0, burst), clock)
         self._cut_at = -math.inf   # when the rate was last cut
         self._calm_from = -math.inf   # quiet periods count from here (the last cut or step)
 
+    @property
+    def rate(self) -> float:
+        """The calls a second allowed now."""
+        return self._bucket.rate
+
     def take(self) -> float:
         """Take one call's token and return 0.0, or return the seconds until one is there."""
-        now = self._clock()
-        self._climb(now)
-        self._tokens = min(self.burst, self._tokens + (now - self._filled_at) * self.rate)
-        self._filled_at = now
-        if self._tokens > 1.0 - 1e-9:   # a token refilled exactly on time, up to rounding
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
+        self._climb(self._clock())
+        return self._bucket.take()
 
     def throttled(self) -> None:
         """STS answered Throttling: halve the rate (not below the floor) and empty the bucket."""
@@ -1992,8 +1996,8 @@ class StsPacer:
         if now - self._cut_at < self.SAME_EPISODE:
             return
         self._climb(now)
-        self.rate = max(self.floor, self.rate / 2.0)
-        self._tokens = min(self._tokens, 0.0)
+        self._bucket.rate = max(self.floor, self.rate / 2.0)
+        self._bucket.drain()
         self._cut_at = self._calm_from = now
 
     def _climb(self, now: float) -> None:
@@ -2002,7 +2006,7 @@ class StsPacer:
             return
         steps = int((now - self._calm_from) // self.quiet)
         if steps > 0:
-            self.rate = min(self.ceiling, self.rate + steps * self.step)
+            self._bucket.rate = min(self.ceiling, self.rate + steps * self.step)
             self._calm_from += steps * self.quiet
 
 

@@ -1643,18 +1643,12 @@ class TestStsPacer(unittest.TestCase):
         self.pacer.throttled()
         self.pacer.throttled()
         self.assertEqual(self.pacer.rate, 10.0)
-        self.clock.now += 9.9
-        self.pacer.take()
-        self.assertEqual(self.pacer.rate, 10.0)
-        self.clock.now += 0.1
-        self.pacer.take()
-        self.assertEqual(self.pacer.rate, 12.0)
-        self.clock.now += 25.0
-        self.pacer.take()
-        self.assertEqual(self.pacer.rate, 16.0)
-        self.clock.now += 100.0
-        self.pacer.take()
-        self.assertEqual(self.pacer.rate, 20.0)   # never above the configured rate
+        # (seconds passing, the rate after them): one step of 2 per whole quiet period of 10 s,
+        # never above the configured 20.
+        for seconds, expected in ((9.9, 10.0), (0.1, 12.0), (25.0, 16.0), (100.0, 20.0)):
+            self.clock.now += seconds
+            self.pacer.take()
+            self.assertEqual(self.pacer.rate, expected, f"after {seconds} s more")
 
     def test_a_throttle_after_a_climb_cuts_again(self):
         self.pacer.throttled()

@@ -3408,6 +3408,11 @@ class TestOutages(ProxyTestCase):
         status, during = self.fx.credentials("127.0.0.2", "web-role")
         self.assertEqual((status, during["AccessKeyId"]), (200, before["AccessKeyId"]))
         self.assertTrue(wait_until(lambda: STS.assume_calls() > calls, timeout=5))   # the refresh, failing
+        # The stand-in counts the call before it answers; the proxy dates the failure (and so its
+        # retry) by its clock when the answer arrives, then records it in its metrics. Move the
+        # clock only after that, or the retry comes due 60 s after a clock that never moves again.
+        self.assertTrue(wait_until(lambda: self.fx.proxy.metrics.sts_last().get("web", {}).get("error")
+                                   == "InternalFailure", timeout=5))
         status, during = self.fx.credentials("127.0.0.2", "web-role")
         self.assertEqual((status, during["AccessKeyId"]), (200, before["AccessKeyId"]))
         STS.mode = "ok"

@@ -4138,6 +4138,21 @@ class TestRedaction(unittest.TestCase):
         for kept in self.KEPT:
             self.assertEqual(emp.redact(f"GET {kept} 200"), f"GET {kept} 200")
 
+    def test_only_the_run_itself_decides_and_every_run_is_judged_whole(self):
+        lower_digits = "abcdefghijklmnopqrstuvwxyz0123456789"   # 36 characters: no upper case
+        cases = [
+            (f"{lower_digits}.ABC", f"{lower_digits}.ABC"),   # the upper case is in the next run
+            (f"ABC {lower_digits}", f"ABC {lower_digits}"),   # ...or in the one before
+            (f"{lower_digits}Q", "[redacted]"),   # one upper case letter at its very end
+            (f"Q{lower_digits}", "[redacted]"),   # ...or at its very start
+            ("aB1" * 10 + "x", "aB1" * 10 + "x"),   # 31 characters are kept...
+            ("aB1" * 10 + "xy", "[redacted]"),   # ...32 are not
+            (f"{lower_digits}/{lower_digits}:Z{lower_digits}", f"{lower_digits}/{lower_digits}:[redacted]"),
+            (f"a/{TestRedaction.SECRETS[1]}/b end", "[redacted] end"),   # "/" joins a path to a key
+        ]
+        for text, expected in cases:
+            self.assertEqual(emp.redact(text), expected, text)
+
     def test_the_formatter_redacts_the_message_and_its_arguments(self):
         formatter = emp.RedactingFormatter("%(levelname)s %(message)s")
         record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, "assumed %s for %s: %s",
@@ -4177,6 +4192,55 @@ class TestJsonFormatter(unittest.TestCase):
         fields = json.loads(emp.JsonFormatter().format(record))
         self.assertIn("ValueError: [redacted]", fields["exception"])
         self.assertEqual(emp.log_formatter("text").format(record).splitlines()[0][-13:], " ERROR failed")
+
+
+class TestLogLines(unittest.TestCase):
+    """The access and audit lines are LogLines, made for less than a LogRecord; they must read
+    exactly as a LogRecord's would, in text and in JSON, and through any handler."""
+
+    ARGS = ("127.0.0.2", "web-1", "web-role", "GET", "/latest/meta-data/iam/security-credentials/web-role",
+            200, 1.25)
+
+    def line(self):
+        record = emp.LogLine("%s %s %s %s %s %d %.1fms", self.ARGS, emp.ACCESS_FIELDS, "access")
+        record.created, record.msecs = 1700000000.25, 250.0
+        return record
+
+    def test_text_has_time_level_and_message(self):
+        formatter = emp.log_formatter("text")
+        formatter.converter = time.gmtime   # the host's local time, here UTC whatever the machine says
+        self.assertEqual(formatter.format(self.line()),
+                         "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET "
+                         "/latest/meta-data/iam/security-credentials/web-role 200 1.2ms")
+
+    def test_json_names_every_field(self):
+        self.assertEqual(json.loads(emp.log_formatter("json").format(self.line())), {
+            "time": "2023-11-14T22:13:20.250Z", "level": "INFO", "logger": "ec2metaproxy",
+            "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/iam/security-credentials/web-role 200 1.2ms",
+            "event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+            "path": "/latest/meta-data/iam/security-credentials/web-role", "status": 200, "ms": 1.2})
+
+    def test_a_handler_of_the_standard_library_reads_it_as_a_log_record(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(levelno)d %(message)s"))
+        logger = logging.getLogger("ec2metaproxy.test-log-line")
+        logger.addHandler(handler)
+        logger.propagate = False
+        self.addCleanup(logger.removeHandler, handler)
+        logger.handle(self.line())
+        self.assertEqual(stream.getvalue(), "ec2metaproxy INFO 20 127.0.0.2 web-1 web-role GET "
+                                            "/latest/meta-data/iam/security-credentials/web-role 200 1.2ms\n")
+
+    def test_a_traceback_is_written_below_a_text_line_and_redacted(self):
+        try:
+            raise ValueError(TestRedaction.SECRETS[0])
+        except ValueError:
+            record = logging.LogRecord("ec2metaproxy", logging.ERROR, __file__, 0, "failed %s", ("x",),
+                                       sys.exc_info())
+        lines = emp.log_formatter("text").format(record).splitlines()
+        self.assertTrue(lines[0].endswith(" ERROR failed x"), lines[0])
+        self.assertEqual((lines[1], lines[-1]), ("Traceback (most recent call last):", "ValueError: [redacted]"))
 
 
 class TestDroppingQueueHandler(unittest.TestCase):

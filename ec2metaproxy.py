@@ -1333,6 +1333,11 @@ class DockerWatcher:
             elif action == "create" and container_id:
                 self._on_create(Container.from_create_event(dict(actor, ID=container_id)))
             elif action in ("start", "restart", "unpause", "rename", "update"):
+                if action == "start" and container_id:
+                    # Docker puts the labels among a start event's attributes too: a container
+                    # whose create event went by unseen (`docker start` of a stopped one, a restart
+                    # policy) has its fetch begun beside the listing, not after it.
+                    self._on_create(Container.from_create_event(dict(actor, ID=container_id)))
                 self._index.revive(container_id)
                 self.ask(Why.EVENT)
         elif kind == "network":
@@ -1592,7 +1597,7 @@ class RoleResolver:
         return decision
 
     def provisional(self, container: Container) -> Optional[RoleSpec]:
-        """The role from what is known before the container starts (its create event); not remembered."""
+        """The role from what is known before a listing shows the container (its create or start event); not remembered."""
         return self.explain(container).spec
 
     def forget(self, container_ids) -> None:
@@ -2442,8 +2447,9 @@ class ContainerLifecycle:
     credentials; forgets a gone container's credentials and role.
 
     A container's credentials are first fetched on its create event, from its labels, so
-    that they are ready when it starts and asks at once. That fetch is provisional: the
-    decision made at start, with the container's networks and environment, adopts it or
+    that they are ready when it starts and asks at once (or on its start event, beside the
+    listing, when no create event was seen). That fetch is provisional: the decision made
+    once the listing shows the container, with its networks and environment, adopts it or
     discards it.
     """
 
@@ -2457,7 +2463,7 @@ class ContainerLifecycle:
         self._deciding = threading.Lock()
 
     def created(self, container: Container) -> None:
-        """A create event: fetch, once, for the role its labels name."""
+        """A create event (or a start event with none before it): fetch, once, for the role its labels name."""
         spec = self.roles.provisional(container)
         if spec is not None:
             self._credentials.prefetch(container.id, container.name, spec, provisional=True)

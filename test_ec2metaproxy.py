@@ -103,6 +103,8 @@ class DockerStandIn:
         self.containers = collections.OrderedDict()
         self.calls = collections.Counter()
         self.list_delay = 0.0
+        self.list_gate = threading.Event()   # cleared: listings wait (at most 10 s) until it is set
+        self.list_gate.set()
         self.fail_status = None   # answer every request with this status (a daemon in trouble)
         self.connections = 0      # every connection accepted, answered or not
         self.lock = threading.Lock()
@@ -132,8 +134,9 @@ class DockerStandIn:
         with self.lock:
             self.containers[container_id] = {"summary": summary, "env": list(env or [])}
         if emit:
-            self.emit({"Type": "container", "Action": "start", "Actor": {"ID": container_id, "Attributes": {
-                "name": name, "image": image}}, "id": container_id, "status": "start"})
+            # Docker's container events carry the container's labels among their attributes.
+            self.emit({"Type": "container", "Action": "start", "Actor": {"ID": container_id, "Attributes": dict(
+                labels or {}, name=name, image=image)}, "id": container_id, "status": "start"})
         return container_id
 
     def remove_container(self, container_id, emit=True):
@@ -188,6 +191,7 @@ class DockerStandIn:
                     return self.reply(200, json.dumps({"ApiVersion": "1.43", "Version": "24.0.0"}).encode())
                 if path == "/containers/json":
                     stand_in.calls["list"] += 1
+                    stand_in.list_gate.wait(10)
                     if stand_in.list_delay:
                         time.sleep(stand_in.list_delay)
                     with stand_in.lock:
@@ -2611,6 +2615,26 @@ class TestCreateEventPrefetch(ProxyTestCase):
         self.assertEqual(status, 200, creds)
         self.assertEqual(STS.assume_calls(), 1)
         self.assertEqual(STS.requests[0]["RoleSessionName"], "web-9")
+
+    def test_a_start_event_with_no_create_before_it_fetches_beside_the_listing(self):
+        # `docker start` of a stopped container, or a restart policy: no create event. Its start
+        # event's labels begin the fetch while the listing that will show the container is held.
+        self.start()
+        self.assertTrue(wait_until(lambda: self.docker.calls["events"] >= 1))   # subscribed
+        self.docker.list_gate.clear()
+        self.addCleanup(self.docker.list_gate.set)
+        listed = self.docker.calls["list"]
+        cid = self.docker.add_container("web-8", ["127.0.7.2"], labels={"ec2metaproxy.RoleAlias": "web"})
+        self.assertTrue(wait_until(lambda: STS.assume_calls() == 1, timeout=5))
+        self.assertGreater(self.docker.calls["list"], listed)   # the listing was asked for, and is held
+        self.assertIsNone(self.fx.proxy.watcher.find("127.0.7.2", False, 0).container)   # not known yet
+        self.docker.list_gate.set()
+        status, creds = self.fx.credentials("127.0.7.2", "web-role")
+        self.assertEqual(status, 200, creds)
+        self.assertEqual(STS.assume_calls(), 1)   # the start event's fetch, adopted
+        self.assertEqual(STS.requests[0]["RoleSessionName"], "web-8")
+        self.assertEqual(self.fx.proxy.credentials.cached(cid, emp.RoleSpec(arn("web-role"), "web-8")).access_key_id,
+                         creds["AccessKeyId"])
 
 
 class TestMockMode(ProxyTestCase):

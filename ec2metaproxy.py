@@ -1597,7 +1597,8 @@ class RoleResolver:
         return decision
 
     def provisional(self, container: Container) -> Optional[RoleSpec]:
-        """The role from what is known before a listing shows the container (its create or start event); not remembered."""
+        """The role from what is known before a listing shows the container (its create or start
+        event); not remembered."""
         return self.explain(container).spec
 
     def forget(self, container_ids) -> None:

@@ -2029,7 +2029,7 @@ class _Entry:
     error: Optional[CredentialError] = None
     failures: int = 0
     retry_at: float = 0.0
-    orphan: bool = False   # made by a request that raced its container's removal: kept for that request only
+    orphan: bool = False   # made by a request that raced its container's removal or a reload: for it only
     provisional: bool = False   # fetched on a create event: not refreshed or retried until the start adopts it
     on_demand: bool = False   # a staticMappings address's: refreshed only when asked, dropped when it expires
 
@@ -2138,11 +2138,15 @@ class CredentialCache:
         return entry.creds
 
     def get(self, container_id: str, label: str, spec: RoleSpec, timeout: float,
-            on_demand: bool = False) -> Credentials:
+            on_demand: bool = False, current: Callable[[], bool] = lambda: True) -> Credentials:
         """Credentials for the container, waiting at most timeout for STS; else CredentialError.
 
         On demand (an address of a staticMappings range, which no event ever removes): the
         entry is not kept up in the background, and goes when its credentials expire unused.
+        current: whether the config the spec was decided under is still in force, asked under
+        the cache lock when the request makes a new entry. A reload swaps the config before it
+        drops the old roles' entries, so an entry made after a reload overtook its request
+        answers that request and is not kept.
         """
         creds = self.cached(container_id, spec, on_demand)
         if creds is not None:
@@ -2156,6 +2160,8 @@ class CredentialCache:
             entry = self._entry_locked(key, container_id, label)
             if fresh:
                 entry.on_demand = on_demand
+                if not current():
+                    entry.orphan = True
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
@@ -3163,7 +3169,8 @@ class MetadataService:
             raise HttpError(404, "another role's name")
         try:
             creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()),
-                                         on_demand=container.static_alias is not None)
+                                         on_demand=container.static_alias is not None,
+                                         current=lambda: request.settings is self.settings)
         except CredentialError as exc:
             self.audit.refused(request.source, imds_version(request), container, decision,
                                f"STS error {exc.code}")

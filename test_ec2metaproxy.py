@@ -4371,6 +4371,32 @@ class TestReload(ProxyTestCase):
         self.assertEqual(len(self.assumed(arn("db-role"))), db_calls)
         self.assertEqual(len(self.assumed(arn("web-role-2"))), 1)
 
+    def test_a_request_the_reload_overtook_keeps_no_session_of_the_old_role(self):
+        # The request arrives under the old config and is answered under it, whole; the reload
+        # lands while it is under way (here: while its caller is being looked up) and drops
+        # web-role's session. The session the request then makes for web-role answers it and goes:
+        # nothing may keep refreshing a role no container has any more.
+        watcher = self.fx.proxy.watcher
+        find = watcher.find
+        aliases = dict(self.fx.config_data["aliasToARN"], web=arn("web-role-2"))
+
+        def find_after_a_reload(ip, current, timeout):
+            watcher.find = find
+            self.reload(aliasToARN=aliases)
+            return find(ip, current, timeout)
+        watcher.find = find_after_a_reload
+        self.addCleanup(setattr, watcher, "find", find)
+        self.assertTrue(wait_until(lambda: self.fx.proxy.credentials.counts()["fetched"] == 2, timeout=5))
+        self.assertEqual(len(self.assumed(arn("web-role"))), 1)
+        status, creds = self.fx.credentials("127.0.0.2", "web-role")
+        self.assertEqual(status, 200, creds)   # the config it arrived under
+        self.assertEqual(len(self.assumed(arn("web-role"))), 2)   # made for it, after the reload
+        self.assertTrue(wait_until(lambda: len(self.assumed(arn("web-role-2"))) == 1, timeout=5))
+        self.assertIsNone(self.fx.proxy.credentials.cached(self.web, emp.RoleSpec(arn("web-role"), "web-1")))
+        self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 2)   # db-role's and web-role-2's
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role-2")[0], 200)
+        self.assertEqual(self.fx.credentials("127.0.0.2", "web-role")[0], 404)
+
     def test_a_static_mapping_stand_in_is_decided_again_too(self):
         self.assertEqual(self.fx.credentials("127.0.1.5", "web-role")[0], 200)
         self.assertEqual(self.fx.proxy.credentials.counts()["entries"], 3)

@@ -2209,12 +2209,13 @@ class CredentialCache:
             self._unlink_locked(self._key(container_id, spec, on_demand), container_id)
 
     def discard_provisional(self, container_id: str, keep: Optional[RoleSpec]) -> None:
-        """Drop a started container's create-time fetches for any spec but the one decided at start."""
+        """A container just decided uses keep's credentials and no others: what its create or start
+        event's guess fetched for another spec goes, and so does its place among a shared
+        session's users, which a guess may have joined (it would keep that session up)."""
         kept = None if keep is None else self._key(container_id, keep)
         with self._lock:
             for key in list(self._by_container.get(container_id, ())):
-                entry = self._entries.get(key)
-                if key != kept and entry is not None and entry.provisional:
+                if key != kept:
                     self._unlink_locked(key, container_id)
 
     def drop_container(self, container_id: str) -> None:

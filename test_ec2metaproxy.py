@@ -1967,6 +1967,24 @@ class TestContainerLifecycle(unittest.TestCase):
         self.assertEqual(len(self.cache), 1)   # the default role's early fetch is gone
         self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
 
+    def test_a_guess_that_joined_a_shared_session_lets_go_of_it_at_start(self):
+        roles = emp.RoleResolver(emp.parse_config(base_config(envRoles=True, sessionScope="role")))
+        cache = emp.CredentialCache(ShiftedSts(self.clock), clock=self.clock, pacer=emp.StsPacer(200), shared=True)
+        cache.start()
+        self.addCleanup(cache.stop)
+        lifecycle = emp.ContainerLifecycle(roles, cache)
+        other = container("other-1", cid="b" * 64)   # running on the default role: its shared session's user
+        lifecycle.changed([other], [])
+        self.assertTrue(wait_until(lambda: cache.cached(other.id, roles.role_for(other)), timeout=5))
+        cid = "d" * 64
+        lifecycle.created(self.created(cid, {}, name="app-1"))   # no label: the default role, for now
+        started = container("app-1", env={"IAM_ROLE": "db"}, cid=cid)   # its environment names db
+        lifecycle.changed([started], [])
+        self.assertTrue(wait_until(lambda: cache.cached(cid, roles.role_for(started)), timeout=5))
+        lifecycle.changed([], [other.id])   # the default session's last real user goes: so does the session
+        self.assertEqual(cache.counts()["entries"], 1)   # db's
+        self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
+
     def test_a_create_fetch_is_not_kept_up_until_its_container_starts(self):
         cid = "e" * 64
         spec = emp.RoleSpec(arn("web-role"), "left")

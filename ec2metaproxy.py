@@ -134,6 +134,18 @@ class TokenBucket:
         """Spend what is saved: the next token comes one interval from the last take at the earliest."""
         self._tokens = min(self._tokens, 0.0)
 
+    def reserve(self, max_wait: float) -> Optional[float]:
+        """Spend a token now, in debt if need be, and return the seconds until it is due; None
+        (spending nothing) when that is more than max_wait. Callers are served in turn."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._then) * self.rate)
+        self._then = now
+        wait = max(0.0, (1.0 - 1e-9 - self._tokens) / self.rate)
+        if wait > max_wait:
+            return None
+        self._tokens -= 1.0
+        return wait
+
 
 #####################################################################
 # Metrics ###########################################################
@@ -2861,6 +2873,11 @@ class MetadataUpstream:
             return None
         raise HttpError(502, f"token request answered {status}")
 
+    @staticmethod
+    def kept(method: str, path: str) -> bool:
+        """Nothing is kept here: every fetch is a call (StaticCache keeps answers)."""
+        return False
+
     def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
         """Forward a GET or HEAD; returns (status, Location, body); raises HttpError."""
         for attempt in (0, 1):
@@ -2934,6 +2951,11 @@ class StaticCache:
         self._flights: Dict[str, _Flight] = {}
         self._lock = threading.Lock()
 
+    def kept(self, method: str, path: str) -> bool:
+        """Whether fetch would answer from what it keeps, with no call to the host's service."""
+        kept = self._answers.get(path) if method == "GET" else None
+        return kept is not None and self._clock() < kept[0]
+
     def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
         if method != "GET" or not STATIC_PATHS.match(path):
             return self._upstream.fetch(method, path)
@@ -2969,6 +2991,44 @@ class StaticCache:
             return flight.answer
         error = flight.error
         raise HttpError(error.status if error else 502, str(error) if error else "the metadata service did not answer")
+
+
+class ForwardBudget:
+    """Calls to the host's metadata service, which allows the instance about 1,024 packets a
+    second for it, DNS and NTP together: that budget is the host's, not one container's.
+
+    Each source has a small rate of its own; past it a forwarded request is 429 and its
+    connection closes. All sources share a host-wide rate, served in turn: a call waits at
+    most max_wait for its place, else 429 (the connection stays).
+    """
+
+    REMEMBERED = 10000   # sources with a bucket; forgetting them all only refills their bursts
+
+    def __init__(self, rate: float, burst: float, host_rate: float, host_burst: float, max_wait: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._rate = rate
+        self._burst = burst
+        self._max_wait = max_wait
+        self._clock = clock
+        self._host = TokenBucket(host_rate, host_burst, clock)
+        self._sources: Dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, source: str) -> float:
+        """Seconds the call must wait for its turn (0: go now); HttpError 429 when over budget."""
+        with self._lock:
+            bucket = self._sources.get(source)
+            if bucket is None:
+                if len(self._sources) >= self.REMEMBERED:
+                    self._sources.clear()
+                bucket = self._sources[source] = TokenBucket(self._rate, self._burst, self._clock)
+            if bucket.take() > 0:
+                raise HttpError(429, "over this caller's rate of calls to the host's metadata service",
+                                close=True)
+            wait = self._host.reserve(self._max_wait)
+        if wait is None:
+            raise HttpError(429, "the host's metadata service is asked as often as it may be")
+        return wait
 
 
 class MockMetadata:
@@ -3040,8 +3100,10 @@ class MetadataService:
                  tokens: TokenIssuer, upstream, wait_timeout: float = 0.8, resync_timeout: float = 0.3,
                  require_tokens: bool = False,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 forward_rule: ForwardRule = ForwardRule(), audit: Optional[Audit] = None):
+                 forward_rule: ForwardRule = ForwardRule(), audit: Optional[Audit] = None,
+                 forward_budget: Optional[ForwardBudget] = None):
         self.watcher = watcher
+        self.forward_budget = forward_budget
         self.settings = ServiceSettings(roles, require_tokens, forward_rule)
         self.audit = audit if audit is not None else Audit()
         self.credentials = credentials
@@ -3215,6 +3277,10 @@ class MetadataService:
                                NO_CALLER if container is None else Decision(None),
                                f"path {ascii(path)[1:-1][:200]} refused by the forward policy")
             raise HttpError(404, "refused by the forward policy")
+        if self.forward_budget is not None and not self.upstream.kept(request.method, path):
+            wait = self.forward_budget.admit(request.source)
+            if wait > 0:
+                time.sleep(wait)   # its turn among every container's calls; at most Limits.forward_wait
         status, location, body = self.upstream.fetch(request.method, path)
         if status == 200 and not rule.everything:
             body = listing_shown(rule, path, body)
@@ -3227,6 +3293,10 @@ class MockUpstream:
 
     def __init__(self, mock: MockMetadata):
         self._mock = mock
+
+    @staticmethod
+    def kept(method: str, path: str) -> bool:
+        return True   # answered here: no call to any service
 
     def fetch(self, method: str, path: str):
         return self._mock.answer(path)
@@ -3256,6 +3326,13 @@ class Limits:
     max_per_source: int = 32
     rate_per_source: float = 1000.0  # requests a second, sustained
     burst_per_source: float = 2000.0
+    # Calls to the host's metadata service: the instance's link-local traffic (about 1,024
+    # packets a second, shared with DNS and NTP) belongs to the whole host.
+    forward_rate_per_source: float = 10.0   # calls a second, sustained, for one source...
+    forward_burst_per_source: float = 20.0
+    forward_rate: float = 50.0      # ...and for all of them together, queued in turn...
+    forward_burst: float = 50.0
+    forward_wait: float = 0.25      # ...for at most this many seconds
 
 
 class Connection:
@@ -4188,10 +4265,14 @@ class Proxy:
         else:
             self.upstream = MetadataUpstream(config.metadata_url)
         forwarded = self.upstream if config.mock or not static_ttl else StaticCache(self.upstream, static_ttl)
+        budget = None if config.mock else ForwardBudget(
+            limits.forward_rate_per_source, limits.forward_burst_per_source, limits.forward_rate,
+            limits.forward_burst, limits.forward_wait)
         self.service = MetadataService(self.watcher, self.roles, self.credentials, TokenIssuer(clock=clock),
                                        forwarded, wait_timeout=wait_timeout,
                                        require_tokens=config.require_tokens,
-                                       wall_clock=clock, forward_rule=config.forward, audit=self.audit)
+                                       wall_clock=clock, forward_rule=config.forward, audit=self.audit,
+                                       forward_budget=budget)
         try:
             self.server = MetadataProxyServer(config.listen, self.service, limits, metrics=self.metrics)
         except OSError as exc:

@@ -724,6 +724,17 @@ class TestTokenBucket(unittest.TestCase):
         self.assertEqual([bucket.take(), bucket.take()], [0.0, 0.0])
         self.assertGreater(bucket.take(), 0.0)
 
+    def test_reserve_serves_callers_in_turn_up_to_the_longest_wait(self):
+        clock = [100.0]
+        bucket = emp.TokenBucket(rate=10.0, burst=2.0, clock=lambda: clock[0])
+        waits = [bucket.reserve(0.25) for _ in range(5)]
+        self.assertEqual(waits[:2], [0.0, 0.0])
+        self.assertAlmostEqual(waits[2], 0.1)   # each later caller one interval after the one before
+        self.assertAlmostEqual(waits[3], 0.2)
+        self.assertIsNone(waits[4])   # 0.3 s away: refused, and it spent nothing
+        clock[0] += 0.1
+        self.assertAlmostEqual(bucket.reserve(0.25), 0.2)   # the refused one's place went to this one
+
 
 #####################################################################
 # Metrics ###########################################################
@@ -2697,6 +2708,67 @@ class TestRequireTokens(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.fx.request("/latest/meta-data/iam/security-credentials/", "127.0.0.2",
                                          headers={"X-aws-ec2-metadata-token": token})[2], "web-role")
+
+
+class TestForwardBudget(unittest.TestCase):
+    """Calls to the host's metadata service: a little for each container, a queue for all of them."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.budget = emp.ForwardBudget(rate=2.0, burst=3.0, host_rate=10.0, host_burst=4.0, max_wait=0.25,
+                                        clock=self.clock)
+
+    def test_a_source_over_its_own_rate_is_429_and_loses_its_connection(self):
+        self.assertEqual([self.budget.admit("10.0.0.1") for _ in range(3)], [0.0, 0.0, 0.0])
+        with self.assertRaises(emp.HttpError) as refused:
+            self.budget.admit("10.0.0.1")
+        self.assertEqual((refused.exception.status, refused.exception.close), (429, True))
+        self.assertEqual(self.budget.admit("10.0.0.2"), 0.0)   # another container: its own budget
+        self.clock.now += 0.5   # one more for the first, at 2 a second, and no more
+        self.assertEqual(self.budget.admit("10.0.0.1"), 0.0)
+        with self.assertRaises(emp.HttpError):
+            self.budget.admit("10.0.0.1")
+
+    def test_every_source_waits_its_turn_for_the_host_and_past_the_longest_wait_is_429(self):
+        waits = [self.budget.admit(f"10.0.1.{number}") for number in range(1, 7)]
+        self.assertEqual(waits[:4], [0.0] * 4)   # the host-wide burst
+        self.assertAlmostEqual(waits[4], 0.1)
+        self.assertAlmostEqual(waits[5], 0.2)
+        with self.assertRaises(emp.HttpError) as refused:
+            self.budget.admit("10.0.1.7")   # would wait 0.3 s
+        self.assertEqual((refused.exception.status, refused.exception.close), (429, False))
+
+
+class TestForwardBudgetInTheProxy(ProxyTestCase):
+    """One container flooding a forwarded path spends its own budget, not the host's link-local one."""
+
+    def make_fixture(self):   # 5 calls for a source, and next to nothing after (a test must not race a refill)
+        return ProxyFixture(limits=emp.Limits(forward_burst_per_source=5, forward_rate_per_source=0.001))
+
+    def setUp(self):
+        super().setUp()
+        self.docker.add_container("bad-1", ["127.0.0.66"], emit=False)
+        self.docker.add_container("good-1", ["127.0.0.2"], emit=False)
+        self.start()
+
+    def test_past_its_burst_a_flooder_gets_429_and_its_connection_closed_and_nothing_more_is_forwarded(self):
+        path = "/latest/meta-data/spot/instance-action"
+        asked = len(self.imds.requests)
+        statuses = [self.fx.request(path, "127.0.0.66")[0] for _ in range(5)]
+        self.assertEqual(statuses, [200] * 5)   # forwarded
+        status, headers, _ = self.fx.request(path, "127.0.0.66")
+        self.assertEqual((status, headers.get("connection")), (429, "close"))
+        for _ in range(20):
+            self.assertEqual(self.fx.request(path, "127.0.0.66")[0], 429)
+        self.assertEqual(len([r for r in self.imds.requests[asked:] if r[1] == path]), 5)
+        self.assertEqual(self.fx.request(path, "127.0.0.2")[0], 200)   # the others' calls still go through
+
+    def test_an_answer_the_proxy_keeps_costs_no_call_and_no_budget(self):
+        path = "/latest/meta-data/local-ipv4"   # a static path; the proxy's start-up probe does not ask it
+        asked = len(self.imds.requests)
+        for _ in range(30):
+            self.assertEqual(self.fx.request(path, "127.0.0.66")[0], 200)
+        self.assertEqual(len([r for r in self.imds.requests[asked:] if r[1] == path]), 1)   # then kept
 
 
 class TestForwardRule(unittest.TestCase):

@@ -1618,6 +1618,10 @@ class RoleResolver:
             for container_id in container_ids:
                 self._memo.pop(container_id, None)
 
+    def decided(self, container_id: str) -> bool:
+        """Whether the container has been decided (a listing showed it), and not forgotten since."""
+        return container_id in self._memo
+
     def __len__(self) -> int:
         """How many decisions are remembered (one per live container)."""
         return len(self._memo)
@@ -2073,6 +2077,7 @@ class CredentialCache:
         self._shared = shared   # sessionScope "role": one session per RoleSpec, not per container
         self._entries: Dict[Tuple[str, RoleSpec], _Entry] = {}
         self._by_container: Dict[str, set] = {}   # container id -> the keys it uses
+        self._guessed: Dict[str, set] = {}   # container id -> keys its create or start event's guess took
         self._users: Dict[Tuple[str, RoleSpec], set] = {}   # key -> the containers using it
         self._gone: Dict[str, float] = {}   # container id -> when it was dropped (oldest first)
         self._lock = threading.Lock()
@@ -2093,7 +2098,7 @@ class CredentialCache:
         with self._lock:
             return {"entries": len(self._entries), "containers": len(self._by_container),
                     "fetched": sum(1 for entry in self._entries.values() if entry.creds is not None),
-                    "scheduled": len(self._due), "gone": len(self._gone)}
+                    "scheduled": len(self._due), "gone": len(self._gone), "guessed": len(self._guessed)}
 
     def peek(self, container_id: str, spec: RoleSpec) -> Tuple[Optional[Credentials], Optional[str]]:
         """The credentials held for a container's role and the last fetch's error code, if any;
@@ -2131,15 +2136,17 @@ class CredentialCache:
 
     # The request path
 
-    def cached(self, container_id: str, spec: RoleSpec, on_demand: bool = False) -> Optional[Credentials]:
+    def cached(self, container_id: str, spec: RoleSpec, on_demand: bool = False,
+               current: Callable[[], bool] = lambda: True) -> Optional[Credentials]:
         """Credentials to hand out now, without waiting; schedules a refresh when one is due."""
         key = self._key(container_id, spec, on_demand)
         entry = self._entries.get(key)
         if entry is None or entry.creds is None:
             return None
         if key[0] == self.SHARED and container_id not in self._users.get(key, ()):
-            with self._lock:   # another container's session: count this one among its users
-                self._use_locked(key, entry, container_id)
+            with self._lock:   # another container's session: count this one among its users...
+                if current():   # ...unless a reload has moved it off this role meanwhile
+                    self._use_locked(key, entry, container_id)
         now = self._clock()
         if entry.creds.expiration - now <= self.MIN_VALID:
             return None
@@ -2160,7 +2167,7 @@ class CredentialCache:
         drops the old roles' entries, so an entry made after a reload overtook its request
         answers that request and is not kept.
         """
-        creds = self.cached(container_id, spec, on_demand)
+        creds = self.cached(container_id, spec, on_demand, current)
         if creds is not None:
             self.metrics.cache_hits.inc()
             self.metrics.credentials_served.inc()
@@ -2169,11 +2176,14 @@ class CredentialCache:
         key = self._key(container_id, spec, on_demand)
         with self._lock:
             fresh = key not in self._entries
-            entry = self._entry_locked(key, container_id, label)
+            overtaken = not current()
+            if fresh or not overtaken:
+                entry = self._entry_locked(key, container_id, label)
+            else:
+                entry = self._entries[key]   # a fetch under way: waited for, not kept up by this request
             if fresh:
                 entry.on_demand = on_demand
-                if not current():
-                    entry.orphan = True
+                entry.orphan = entry.orphan or overtaken
             if entry.done is None:
                 if entry.error is not None and self._clock() < entry.retry_at:
                     raise entry.error   # backing off: answer at once rather than hammer STS
@@ -2206,6 +2216,8 @@ class CredentialCache:
             key = self._key(container_id, spec)
             fresh = key not in self._entries
             entry = self._entry_locked(key, container_id, label)
+            if provisional:
+                self._guessed.setdefault(container_id, set()).add(key)
             if fresh:
                 entry.provisional = provisional
             elif entry.provisional and not provisional:
@@ -2221,13 +2233,15 @@ class CredentialCache:
             self._unlink_locked(self._key(container_id, spec, on_demand), container_id)
 
     def discard_provisional(self, container_id: str, keep: Optional[RoleSpec]) -> None:
-        """A container just decided uses keep's credentials and no others: what its create or start
-        event's guess fetched for another spec goes, and so does its place among a shared
-        session's users, which a guess may have joined (it would keep that session up)."""
+        """A container just decided uses keep's credentials: what its create or start event's guess
+        took for another spec goes, a fetch or a place among a shared session's users (which would
+        keep that session up). What a request made for it stays."""
         kept = None if keep is None else self._key(container_id, keep)
         with self._lock:
+            guessed = self._guessed.pop(container_id, set())
             for key in list(self._by_container.get(container_id, ())):
-                if key != kept:
+                entry = self._entries.get(key)
+                if key != kept and (key in guessed or (entry is not None and entry.provisional)):
                     self._unlink_locked(key, container_id)
 
     def drop_container(self, container_id: str) -> None:
@@ -2235,6 +2249,7 @@ class CredentialCache:
         with self._lock:
             for key in list(self._by_container.get(container_id, ())):
                 self._unlink_locked(key, container_id)
+            self._guessed.pop(container_id, None)
             now = self._clock()
             self._gone.pop(container_id, None)
             self._gone[container_id] = now
@@ -2483,10 +2498,17 @@ class ContainerLifecycle:
         self._deciding = threading.Lock()
 
     def created(self, container: Container) -> None:
-        """A create event (or a start event with none before it): fetch, once, for the role its labels name."""
-        spec = self.roles.provisional(container)
-        if spec is not None:
-            self._credentials.prefetch(container.id, container.name, spec, provisional=True)
+        """A create event (or a start event with none before it): fetch, once, for the role its labels name.
+
+        Not once a listing has shown the container: it is decided then, with its networks and
+        environment, and a guess made after that would never be adopted nor discarded.
+        """
+        with self._deciding:
+            if self.roles.decided(container.id):
+                return
+            spec = self.roles.provisional(container)
+            if spec is not None:
+                self._credentials.prefetch(container.id, container.name, spec, provisional=True)
 
     def changed(self, added: List[Container], removed: List[str]) -> None:
         """Called by DockerWatcher, from its own threads, holding no lock."""
@@ -4102,7 +4124,7 @@ class LogLine(logging.LogRecord):
             "stack_info": None, "lineno": 0, "funcName": None, "created": now,
             "msecs": int((now - int(now)) * 1000) + 0.0, "relativeCreated": 0.0,
             "thread": threading.get_ident(), "threadName": None, "processName": None, "process": None,
-            "fields": fields, "event": event}
+            "taskName": None, "fields": fields, "event": event}
 
 
 class JsonFormatter(RedactingFormatter):

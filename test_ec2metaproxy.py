@@ -1781,6 +1781,15 @@ class TestCredentialCache(unittest.TestCase):
         self.assertFalse(wait_until(lambda: STS.assume_calls() > calls or len(self.cache), timeout=0.5))
         self.assertEqual(self.cache.counts()["containers"], 0)
 
+    def test_requests_a_reload_overtook_keep_nothing_even_when_two_share_the_fetch(self):
+        STS.mode, STS.stall = "stall", 0.5
+        for _ in range(2):   # both decided under a config a reload has since replaced
+            with self.assertRaises(emp.CredentialError):
+                self.cache.get("c1", "web-1", self.spec, 0.05, current=lambda: False)
+        self.assertEqual(STS.assume_calls(), 1)   # the second waited for the first's fetch
+        self.assertTrue(wait_until(lambda: self.cache.counts()["entries"] == 0, timeout=5))
+        self.assertEqual(self.cache.counts()["containers"], 0)
+
     def test_a_restarted_container_keeps_its_id_and_gets_credentials_again(self):
         self.cache.drop_container("c1")
         self.cache.prefetch("c1", "web-1", self.spec)   # its start: the same id, alive again
@@ -1995,6 +2004,25 @@ class TestContainerLifecycle(unittest.TestCase):
         lifecycle.changed([], [other.id])   # the default session's last real user goes: so does the session
         self.assertEqual(cache.counts()["entries"], 1)   # db's
         self.assertEqual([request["RoleArn"] for request in STS.requests], [arn("default-role"), arn("db-role")])
+
+    def test_a_start_event_read_after_the_listing_guesses_nothing(self):
+        roles = emp.RoleResolver(emp.parse_config(base_config(envRoles=True)))
+        lifecycle = emp.ContainerLifecycle(roles, self.cache)
+        refused = container("x-1", env={"IAM_ROLE": "arn:aws:iam::999999999999:role/elsewhere"}, cid="f" * 64)
+        lifecycle.changed([refused], [])   # the listing showed it first: no role (not in allowedRoles)
+        self.assertIsNone(roles.role_for(refused))
+        lifecycle.created(self.created(refused.id, {}, name="x-1"))   # its start event: no environment in it
+        self.assertEqual(self.cache.counts(), {"entries": 0, "containers": 0, "fetched": 0, "scheduled": 0,
+                                               "gone": 0, "guessed": 0})
+
+    def test_what_a_request_made_stays_when_the_listing_decides_under_the_config_before_a_reload(self):
+        cid = "9" * 64
+        new = emp.RoleSpec(arn("db-role"), "app-1")   # what the new config says, and its first request used
+        self.assertIsNotNone(self.cache.get(cid, "app-1", new, 5))
+        started = container("app-1", labels={"ec2metaproxy.RoleAlias": "web"}, cid=cid)
+        self.lifecycle.changed([started], [])   # decided under the roles the reload is about to replace
+        self.assertIsNotNone(self.cache.cached(cid, new))   # the request's stays for the reload to sort out
+        self.assertTrue(wait_until(lambda: self.cache.cached(cid, self.roles.role_for(started)), timeout=5))
 
     def test_a_create_fetch_is_not_kept_up_until_its_container_starts(self):
         cid = "e" * 64

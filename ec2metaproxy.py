@@ -134,6 +134,10 @@ class TokenBucket:
         """Spend what is saved: the next token comes one interval from the last take at the earliest."""
         self._tokens = min(self._tokens, 0.0)
 
+    def refund(self) -> None:
+        """Give back a token reserve() took, for a call that was not made."""
+        self._tokens = min(self.burst, self._tokens + 1.0)
+
     def reserve(self, max_wait: float) -> Optional[float]:
         """Spend a token now, in debt if need be, and return the seconds until it is due; None
         (spending nothing) when that is more than max_wait. Callers are served in turn."""
@@ -2895,13 +2899,14 @@ class MetadataUpstream:
             return None
         raise HttpError(502, f"token request answered {status}")
 
-    @staticmethod
-    def kept(method: str, path: str) -> bool:
-        """Nothing is kept here: every fetch is a call (StaticCache keeps answers)."""
-        return False
+    def fetch(self, method: str, path: str,
+              before_call: Optional[Callable[[], None]] = None) -> Tuple[int, Optional[str], bytes]:
+        """Forward a GET or HEAD; returns (status, Location, body); raises HttpError.
 
-    def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
-        """Forward a GET or HEAD; returns (status, Location, body); raises HttpError."""
+        before_call: run first (ForwardBudget: wait for this call's turn, or refuse it).
+        """
+        if before_call is not None:
+            before_call()
         for attempt in (0, 1):
             token = self._host_token()
             headers = {TOKEN_HEADER: token} if token else {}
@@ -2956,6 +2961,7 @@ class _Flight:
         self.done = threading.Event()
         self.answer: Optional[Tuple[int, Optional[str], bytes]] = None
         self.error: Optional[HttpError] = None
+        self.handed_back = False   # its leader was refused its turn (ForwardBudget): another leads
 
 
 class StaticCache:
@@ -2965,6 +2971,8 @@ class StaticCache:
     their instance id must not spend them for the whole host. Wraps MetadataUpstream's fetch.
     """
 
+    LEADS = 3   # a request that finds its path's call handed back this often is answered 503
+
     def __init__(self, upstream, ttl: float = STATIC_TTL, clock: Callable[[], float] = time.monotonic):
         self._upstream = upstream
         self._ttl = ttl
@@ -2973,30 +2981,44 @@ class StaticCache:
         self._flights: Dict[str, _Flight] = {}
         self._lock = threading.Lock()
 
-    def kept(self, method: str, path: str) -> bool:
-        """Whether fetch would answer from what it keeps, with no call to the host's service."""
-        kept = self._answers.get(path) if method == "GET" else None
-        return kept is not None and self._clock() < kept[0]
-
-    def fetch(self, method: str, path: str) -> Tuple[int, Optional[str], bytes]:
+    def fetch(self, method: str, path: str,
+              before_call: Optional[Callable[[], None]] = None) -> Tuple[int, Optional[str], bytes]:
+        """The answer kept, or the one another request is fetching, or a call. before_call runs
+        only in the request that makes the call: an answer kept or shared costs nothing."""
         if method != "GET" or not STATIC_PATHS.match(path):
-            return self._upstream.fetch(method, path)
-        with self._lock:
-            kept = self._answers.get(path)
-            if kept is not None and self._clock() < kept[0]:
-                return kept[1]
-            flight = self._flights.get(path)
-            leading = flight is None
+            return self._upstream.fetch(method, path, before_call)
+        for _ in range(self.LEADS):
+            with self._lock:
+                kept = self._answers.get(path)
+                if kept is not None and self._clock() < kept[0]:
+                    return kept[1]
+                flight = self._flights.get(path)
+                leading = flight is None
+                if leading:
+                    flight = self._flights[path] = _Flight()
             if leading:
-                flight = self._flights[path] = _Flight()
-        if not leading:
-            return self._follow(flight)
+                return self._lead(flight, method, path, before_call)
+            answer = self._follow(flight)
+            if answer is not None:
+                return answer
+        raise HttpError(503, "the metadata service call for this path was handed back", headers=(("Retry-After", "1"),))
+
+    def _lead(self, flight: _Flight, method: str, path: str,
+              before_call: Optional[Callable[[], None]]) -> Tuple[int, Optional[str], bytes]:
+        """Make the call for everyone waiting on flight; if this request may not, hand it back."""
         try:
-            flight.answer = self._upstream.fetch(method, path)
-            return flight.answer
-        except HttpError as exc:
-            flight.error = exc
+            if before_call is not None:
+                before_call()
+        except HttpError:
+            flight.handed_back = True   # a refused leader's refusal is its own: the others try again
             raise
+        else:
+            try:
+                flight.answer = self._upstream.fetch(method, path)
+                return flight.answer
+            except HttpError as exc:
+                flight.error = exc
+                raise
         finally:
             with self._lock:
                 del self._flights[path]
@@ -3005,12 +3027,14 @@ class StaticCache:
             flight.done.set()
 
     @staticmethod
-    def _follow(flight: _Flight) -> Tuple[int, Optional[str], bytes]:
-        """The outcome of the call another request is making for the same path."""
+    def _follow(flight: _Flight) -> Optional[Tuple[int, Optional[str], bytes]]:
+        """The outcome of the call another request is making for the same path (None: handed back)."""
         if not flight.done.wait(FLIGHT_WAIT):
             raise HttpError(504, "timed out waiting for the metadata service")
         if flight.answer is not None:
             return flight.answer
+        if flight.handed_back:
+            return None
         error = flight.error
         raise HttpError(error.status if error else 502, str(error) if error else "the metadata service did not answer")
 
@@ -3019,38 +3043,51 @@ class ForwardBudget:
     """Calls to the host's metadata service, which allows the instance about 1,024 packets a
     second for it, DNS and NTP together: that budget is the host's, not one container's.
 
-    Each source has a small rate of its own; past it a forwarded request is 429 and its
-    connection closes. All sources share a host-wide rate, served in turn: a call waits at
-    most max_wait for its place, else 429 (the connection stays).
+    A call waits its turn among its caller's calls (a container, by id, whatever its
+    addresses; an unknown caller by address), and then among every caller's. Past its
+    caller's longest wait it is 429 and the connection closes (a flood); past the host's,
+    503 with Retry-After (the host is busy, not this caller's doing).
     """
 
-    REMEMBERED = 10000   # sources with a bucket; forgetting them all only refills their bursts
+    REMEMBERED = 10000   # callers with a bucket; forgetting them all only refills their bursts
 
-    def __init__(self, rate: float, burst: float, host_rate: float, host_burst: float, max_wait: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, rate: float, burst: float, caller_wait: float, host_rate: float, host_burst: float,
+                 host_wait: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         self._rate = rate
         self._burst = burst
-        self._max_wait = max_wait
+        self._caller_wait = caller_wait
+        self._host_wait = host_wait
         self._clock = clock
+        self._sleep = sleep
         self._host = TokenBucket(host_rate, host_burst, clock)
-        self._sources: Dict[str, TokenBucket] = {}
+        self._callers: Dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
-    def admit(self, source: str) -> float:
-        """Seconds the call must wait for its turn (0: go now); HttpError 429 when over budget."""
+    def admit(self, caller: str) -> float:
+        """Seconds the call must wait for its turn (0: go now), its place taken; else HttpError."""
         with self._lock:
-            bucket = self._sources.get(source)
+            bucket = self._callers.get(caller)
             if bucket is None:
-                if len(self._sources) >= self.REMEMBERED:
-                    self._sources.clear()
-                bucket = self._sources[source] = TokenBucket(self._rate, self._burst, self._clock)
-            if bucket.take() > 0:
+                if len(self._callers) >= self.REMEMBERED:
+                    self._callers.clear()
+                bucket = self._callers[caller] = TokenBucket(self._rate, self._burst, self._clock)
+            own = bucket.reserve(self._caller_wait)
+            if own is None:
                 raise HttpError(429, "over this caller's rate of calls to the host's metadata service",
                                 close=True)
-            wait = self._host.reserve(self._max_wait)
-        if wait is None:
-            raise HttpError(429, "the host's metadata service is asked as often as it may be")
-        return wait
+            host = self._host.reserve(self._host_wait)
+            if host is None:
+                bucket.refund()   # not this caller's doing: its own budget is not spent
+                raise HttpError(503, "the host's metadata service is asked as often as it may be",
+                                headers=(("Retry-After", "1"),))
+        return max(own, host)
+
+    def spend(self, caller: str) -> None:
+        """Wait for the call's turn (outside any lock), or raise HttpError."""
+        wait = self.admit(caller)
+        if wait > 0:
+            self._sleep(wait)
 
 
 class MockMetadata:
@@ -3299,11 +3336,10 @@ class MetadataService:
                                NO_CALLER if container is None else Decision(None),
                                f"path {ascii(path)[1:-1][:200]} refused by the forward policy")
             raise HttpError(404, "refused by the forward policy")
-        if self.forward_budget is not None and not self.upstream.kept(request.method, path):
-            wait = self.forward_budget.admit(request.source)
-            if wait > 0:
-                time.sleep(wait)   # its turn among every container's calls; at most Limits.forward_wait
-        status, location, body = self.upstream.fetch(request.method, path)
+        budget = self.forward_budget
+        caller = self.binding(container, request.source)
+        status, location, body = self.upstream.fetch(
+            request.method, path, None if budget is None else lambda: budget.spend(caller))
         if status == 200 and not rule.everything:
             body = listing_shown(rule, path, body)
         extra = (("Location", urllib.parse.urlsplit(location).path or "/"),) if location else ()
@@ -3316,12 +3352,8 @@ class MockUpstream:
     def __init__(self, mock: MockMetadata):
         self._mock = mock
 
-    @staticmethod
-    def kept(method: str, path: str) -> bool:
-        return True   # answered here: no call to any service
-
-    def fetch(self, method: str, path: str):
-        return self._mock.answer(path)
+    def fetch(self, method: str, path: str, before_call=None):
+        return self._mock.answer(path)   # answered here: no call to any service, nothing to budget
 
 
 #####################################################################
@@ -3350,11 +3382,13 @@ class Limits:
     burst_per_source: float = 2000.0
     # Calls to the host's metadata service: the instance's link-local traffic (about 1,024
     # packets a second, shared with DNS and NTP) belongs to the whole host.
-    forward_rate_per_source: float = 10.0   # calls a second, sustained, for one source...
-    forward_burst_per_source: float = 20.0
-    forward_rate: float = 50.0      # ...and for all of them together, queued in turn...
-    forward_burst: float = 50.0
-    forward_wait: float = 0.25      # ...for at most this many seconds
+    # A call waits its turn, first among its container's calls, then among everyone's.
+    forward_rate_per_caller: float = 20.0   # calls a second, sustained, for one container...
+    forward_burst_per_caller: float = 40.0
+    forward_caller_wait: float = 0.5        # ...past this wait, 429 and its connection closes
+    forward_rate: float = 100.0             # calls a second for all containers together...
+    forward_burst: float = 100.0
+    forward_wait: float = 1.0               # ...past this wait, 503 (Retry-After)
 
 
 class Connection:
@@ -4288,8 +4322,8 @@ class Proxy:
             self.upstream = MetadataUpstream(config.metadata_url)
         forwarded = self.upstream if config.mock or not static_ttl else StaticCache(self.upstream, static_ttl)
         budget = None if config.mock else ForwardBudget(
-            limits.forward_rate_per_source, limits.forward_burst_per_source, limits.forward_rate,
-            limits.forward_burst, limits.forward_wait)
+            limits.forward_rate_per_caller, limits.forward_burst_per_caller, limits.forward_caller_wait,
+            limits.forward_rate, limits.forward_burst, limits.forward_wait)
         self.service = MetadataService(self.watcher, self.roles, self.credentials, TokenIssuer(clock=clock),
                                        forwarded, wait_timeout=wait_timeout,
                                        require_tokens=config.require_tokens,

@@ -2739,53 +2739,64 @@ class TestRequireTokens(ProxyTestCase):
 
 
 class TestForwardBudget(unittest.TestCase):
-    """Calls to the host's metadata service: a little for each container, a queue for all of them."""
+    """Calls to the host's metadata service: each caller waits its turn among its own calls, then
+    among everyone's; a flood is 429 and closes, a busy host 503."""
 
     def setUp(self):
         self.clock = FakeClock()
-        self.budget = emp.ForwardBudget(rate=2.0, burst=3.0, host_rate=10.0, host_burst=4.0, max_wait=0.25,
-                                        clock=self.clock)
+        self.slept = []
+        self.budget = emp.ForwardBudget(rate=10.0, burst=3.0, caller_wait=0.25, host_rate=10.0, host_burst=4.0,
+                                        host_wait=0.25, clock=self.clock, sleep=self.slept.append)
 
-    def test_a_source_over_its_own_rate_is_429_and_loses_its_connection(self):
-        self.assertEqual([self.budget.admit("10.0.0.1") for _ in range(3)], [0.0, 0.0, 0.0])
+    def test_a_caller_past_its_own_turns_is_429_and_loses_its_connection(self):
+        waits = [self.budget.admit("container-a") for _ in range(5)]
+        self.assertEqual(waits[:3], [0.0] * 3)   # its burst
+        self.assertAlmostEqual(waits[3], 0.1)    # then in turn, 10 a second
+        self.assertAlmostEqual(waits[4], 0.2)
         with self.assertRaises(emp.HttpError) as refused:
-            self.budget.admit("10.0.0.1")
+            self.budget.admit("container-a")     # 0.3 s away
         self.assertEqual((refused.exception.status, refused.exception.close), (429, True))
-        self.assertEqual(self.budget.admit("10.0.0.2"), 0.0)   # another container: its own budget
-        self.clock.now += 0.5   # one more for the first, at 2 a second, and no more
-        self.assertEqual(self.budget.admit("10.0.0.1"), 0.0)
-        with self.assertRaises(emp.HttpError):
-            self.budget.admit("10.0.0.1")
 
-    def test_every_source_waits_its_turn_for_the_host_and_past_the_longest_wait_is_429(self):
-        waits = [self.budget.admit(f"10.0.1.{number}") for number in range(1, 7)]
+    def test_past_the_hosts_turns_every_caller_is_503_and_keeps_its_own_budget(self):
+        waits = [self.budget.admit(f"container-{number}") for number in range(6)]
         self.assertEqual(waits[:4], [0.0] * 4)   # the host-wide burst
         self.assertAlmostEqual(waits[4], 0.1)
         self.assertAlmostEqual(waits[5], 0.2)
-        with self.assertRaises(emp.HttpError) as refused:
-            self.budget.admit("10.0.1.7")   # would wait 0.3 s
-        self.assertEqual((refused.exception.status, refused.exception.close), (429, False))
+        for _ in range(8):   # refused by the host, not for anything of its own: never a flooder for it
+            with self.assertRaises(emp.HttpError) as refused:
+                self.budget.admit("container-9")
+            self.assertEqual((refused.exception.status, refused.exception.close,
+                              refused.exception.headers), (503, False, (("Retry-After", "1"),)))
+        self.clock.now += 10
+        self.assertEqual([self.budget.admit("container-9") for _ in range(3)], [0.0] * 3)   # its whole burst
+
+    def test_spend_sleeps_out_the_wait(self):
+        for _ in range(5):
+            self.budget.spend("container-a")
+        self.assertEqual(len(self.slept), 2)
+        self.assertAlmostEqual(self.slept[0], 0.1)
 
 
 class TestForwardBudgetInTheProxy(ProxyTestCase):
     """One container flooding a forwarded path spends its own budget, not the host's link-local one."""
 
-    def make_fixture(self):   # 5 calls for a source, and next to nothing after (a test must not race a refill)
-        return ProxyFixture(limits=emp.Limits(forward_burst_per_source=5, forward_rate_per_source=0.001))
+    def make_fixture(self):   # 5 calls for a container, and next to nothing after (a test must not race a refill)
+        return ProxyFixture(limits=emp.Limits(forward_burst_per_caller=5, forward_rate_per_caller=0.001))
 
     def setUp(self):
         super().setUp()
-        self.docker.add_container("bad-1", ["127.0.0.66"], emit=False)
+        self.docker.add_container("bad-1", emit=False, networks={"bridge": ["127.0.0.66"], "app": ["127.0.0.67"]})
         self.docker.add_container("good-1", ["127.0.0.2"], emit=False)
         self.start()
 
     def test_past_its_burst_a_flooder_gets_429_and_its_connection_closed_and_nothing_more_is_forwarded(self):
         path = "/latest/meta-data/spot/instance-action"
         asked = len(self.imds.requests)
-        statuses = [self.fx.request(path, "127.0.0.66")[0] for _ in range(5)]
-        self.assertEqual(statuses, [200] * 5)   # forwarded
-        status, headers, _ = self.fx.request(path, "127.0.0.66")
-        self.assertEqual((status, headers.get("connection")), (429, "close"))
+        statuses = [self.fx.request(path, source)[0] for source in ["127.0.0.66", "127.0.0.67"] * 2 + ["127.0.0.66"]]
+        self.assertEqual(statuses, [200] * 5)   # forwarded, from either of its addresses: one budget
+        for source in ("127.0.0.66", "127.0.0.67"):
+            status, headers, _ = self.fx.request(path, source)
+            self.assertEqual((status, headers.get("connection")), (429, "close"))
         for _ in range(20):
             self.assertEqual(self.fx.request(path, "127.0.0.66")[0], 429)
         self.assertEqual(len([r for r in self.imds.requests[asked:] if r[1] == path]), 5)
@@ -3000,6 +3011,66 @@ class TestStaticCache(unittest.TestCase):
             thread.join(10)
         self.assertEqual(answers, [(200, None, b"i-0host0000000000")] * 20)
         self.assertEqual(self.asked(path, gated), 1)
+
+    def test_only_the_request_making_the_call_spends_budget_and_a_refused_one_hands_it_on(self):
+        gated = GatedImds().start()
+        self.addCleanup(gated.stop)
+        self.addCleanup(gated.gate.set)
+        cache = emp.StaticCache(emp.MetadataUpstream(gated.url, read_timeout=10), clock=self.clock)
+        path = "/latest/meta-data/instance-id"
+        spent, answers = [], []
+
+        def refused():   # a flooder's turn: refused before any call
+            spent.append("refused")
+            raise emp.HttpError(429, "over its rate", close=True)
+
+        def ask(before_call):
+            try:
+                answers.append(cache.fetch("GET", path, before_call))
+            except emp.HttpError as exc:
+                answers.append(exc.status)
+        gated.gate.clear()
+        first = threading.Thread(target=ask, args=(lambda: spent.append("leader"),))
+        first.start()
+        self.assertTrue(wait_until(lambda: self.asked(path, gated) == 1, timeout=5))   # its call, held
+        followers = [threading.Thread(target=ask, args=(lambda: spent.append("follower"),)) for _ in range(10)]
+        for thread in followers:
+            thread.start()
+        gated.gate.set()
+        for thread in [first] + followers:
+            thread.join(10)
+        self.assertEqual(spent, ["leader"])   # ten answers shared, none paid for
+        self.assertEqual(answers, [(200, None, b"i-0host0000000000")] * 11)
+        # Kept answers expire; the next caller to lead is refused its turn: the others, waiting on
+        # its call, are not refused with it, and one of them makes the call.
+        self.clock.advance(61)
+        spent.clear()
+        answers.clear()
+        calls = self.asked(path, gated)
+        following, release = [], threading.Event()
+
+        def refused_when_released():
+            release.wait(10)
+            refused()
+        original_follow = cache._follow
+
+        def follow(flight):
+            following.append(flight)
+            return original_follow(flight)
+        cache._follow = follow
+        flooder = threading.Thread(target=ask, args=(refused_when_released,))
+        flooder.start()
+        self.assertTrue(wait_until(lambda: len(cache._flights) == 1, timeout=5))   # it leads, not yet refused
+        waiting = [threading.Thread(target=ask, args=(lambda: spent.append("next"),)) for _ in range(5)]
+        for thread in waiting:
+            thread.start()
+        self.assertTrue(wait_until(lambda: len(following) == 5, timeout=5))   # all five wait on its call
+        release.set()
+        for thread in [flooder] + waiting:
+            thread.join(10)
+        self.assertEqual(sorted(answers, key=str), [(200, None, b"i-0host0000000000")] * 5 + [429])
+        self.assertEqual(spent, ["refused", "next"])   # one of the five led, and paid
+        self.assertEqual(self.asked(path, gated), calls + 1)
 
     def test_through_the_proxy(self):
         fx = ProxyFixture()

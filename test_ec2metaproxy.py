@@ -3007,11 +3007,15 @@ class TestStaticCache(unittest.TestCase):
             self.cache.fetch("HEAD", "/latest/meta-data/local-ipv4")
         self.assertEqual(self.asked("/latest/meta-data/local-ipv4"), 2)
 
-    def test_a_burst_makes_one_upstream_call(self):
+    def gated_cache(self):
+        """A cache over a host stand-in that holds every answer until its gate is set."""
         gated = GatedImds().start()
         self.addCleanup(gated.stop)
         self.addCleanup(gated.gate.set)
-        cache = emp.StaticCache(emp.MetadataUpstream(gated.url, read_timeout=10), clock=self.clock)
+        return gated, emp.StaticCache(emp.MetadataUpstream(gated.url, read_timeout=10), clock=self.clock)
+
+    def test_a_burst_makes_one_upstream_call(self):
+        gated, cache = self.gated_cache()
         path = "/latest/meta-data/instance-id"
         answers = []
         threads = [threading.Thread(target=lambda: answers.append(cache.fetch("GET", path))) for _ in range(20)]
@@ -3026,10 +3030,7 @@ class TestStaticCache(unittest.TestCase):
         self.assertEqual(self.asked(path, gated), 1)
 
     def test_only_the_request_making_the_call_spends_budget_and_a_refused_one_hands_it_on(self):
-        gated = GatedImds().start()
-        self.addCleanup(gated.stop)
-        self.addCleanup(gated.gate.set)
-        cache = emp.StaticCache(emp.MetadataUpstream(gated.url, read_timeout=10), clock=self.clock)
+        gated, cache = self.gated_cache()
         path = "/latest/meta-data/instance-id"
         spent, answers = [], []
 

@@ -120,11 +120,14 @@ class TokenBucket:
         self._tokens = burst
         self._then = clock()
 
-    def take(self) -> float:
-        """Spend a token and return 0, or return the seconds until there is one (spending nothing)."""
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._then) * self.rate)
         self._then = now
+
+    def take(self) -> float:
+        """Spend a token and return 0, or return the seconds until there is one (spending nothing)."""
+        self._refill()
         if self._tokens > 1.0 - 1e-9:   # a token refilled exactly on time, up to rounding
             self._tokens -= 1.0
             return 0.0
@@ -141,9 +144,7 @@ class TokenBucket:
     def reserve(self, max_wait: float) -> Optional[float]:
         """Spend a token now, in debt if need be, and return the seconds until it is due; None
         (spending nothing) when that is more than max_wait. Callers are served in turn."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._then) * self.rate)
-        self._then = now
+        self._refill()
         wait = max(0.0, (1.0 - 1e-9 - self._tokens) / self.rate)
         if wait > max_wait:
             return None

@@ -2437,7 +2437,8 @@ class Audit:
     """Writes one line each time a container is handed an AccessKeyId it had not been handed, and
     one per refusal; never a secret key, a session token or an IMDSv2 token."""
 
-    def __init__(self, remembered: int = 65536):
+    def __init__(self, remembered: int = 65536, events: Optional["EventLog"] = None):
+        self.events = events if events is not None else EventLog()
         self._handed: Dict[str, str] = {}   # container id -> the AccessKeyId it was last handed
         self._lock = threading.Lock()
         # staticMappings stand-ins are never removed: a wide range must not grow memory. At
@@ -2470,8 +2471,7 @@ class Audit:
     def __len__(self) -> int:
         return len(self._handed)
 
-    @staticmethod
-    def _write(outcome, source, imds, container, decision, access_key_id, expiration, reason) -> None:
+    def _write(self, outcome, source, imds, container, decision, access_key_id, expiration, reason) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
         spec = decision.spec
@@ -2479,7 +2479,7 @@ class Audit:
                 (container.image or "-") if container else "-", decision.alias,
                 decision.arn, spec.session_name if spec else "-",
                 access_key_id, expiration, source, imds, reason)
-        log.handle(LogLine(AUDIT_TEXT, args, AUDIT_FIELDS, "audit"))
+        self.events.write(AUDIT_TEXT, args, AUDIT_FIELDS, "audit")
 
 
 class ContainerLifecycle:
@@ -3662,6 +3662,7 @@ class RequestReader:
 
 # Field names of an access line, in its text order; JSON log lines carry them as keys (see README).
 ACCESS_FIELDS = ("source", "container", "role", "method", "path", "status", "ms")
+ACCESS_TEXT = "%s %s %s %s %s %d %.1fms"
 
 
 @functools.lru_cache(maxsize=4)
@@ -3689,6 +3690,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.wall_clock = server.wall_clock
         self.keep_alive_header = server.keep_alive_header
         self.metrics = server.metrics
+        self.events = server.events
         self.reader = RequestReader(self.request, self.conn, server.admission, server.limits, server.clock)
 
     def handle(self):
@@ -3747,14 +3749,13 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
 
     def log_request(self, request: Optional[Request], status: int, started: float) -> None:
         """One line per request at INFO: source, container, role, method, path, status, ms."""
-        # A LogLine made here skips Logger.findCaller's stack walk and LogRecord's per-record lookups.
         if log.isEnabledFor(logging.INFO):
             if request is None:
                 args = (self.conn.source, "-", "-", "-", "-", status, (time.perf_counter() - started) * 1000)
             else:
                 args = (request.source, request.container, request.role, request.method,
                         ascii(request.target)[1:-1][:200], status, (time.perf_counter() - started) * 1000)
-            log.handle(LogLine("%s %s %s %s %s %d %.1fms", args, ACCESS_FIELDS, "access"))
+            self.events.write(ACCESS_TEXT, args, ACCESS_FIELDS, "access")
 
     def log_error(self, request: Optional[Request], exc: HttpError) -> None:
         """Why a request was refused, at DEBUG (the reason never holds a secret)."""
@@ -3800,9 +3801,11 @@ class MetadataProxyServer(socketserver.TCPServer):
 
     def __init__(self, address: Tuple[str, int], service: MetadataService, limits: Limits = Limits(),
                  handler=ImdsRequestHandler, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, metrics: Optional[ProxyMetrics] = None):
+                 wall_clock: Callable[[], float] = time.time, metrics: Optional[ProxyMetrics] = None,
+                 events: Optional["EventLog"] = None):
         host, port = address
         self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.events = events if events is not None else EventLog()
         if host in ("", "::") or ":" in host:
             self.address_family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
             host = host or ("::" if socket.has_ipv6 else "0.0.0.0")
@@ -4112,6 +4115,16 @@ def redact(text: str) -> str:
     return SECRET_CANDIDATE.sub("[redacted]", text)
 
 
+# The fields of access and audit lines repeat (a container's path, its name, its role): each is
+# redacted once and then looked up. Bounded: a caller sending a new path each time costs one
+# redact() each, as without the cache, and pushes out only the oldest entries.
+redact_field = functools.lru_cache(maxsize=4096)(redact)
+
+
+def redacted_args(args: tuple) -> tuple:
+    return tuple(redact_field(value) if type(value) is str else value for value in args)
+
+
 class RedactingFormatter(logging.Formatter):
     """Blanks anything shaped like a secret key, session token or IMDSv2 token, whatever logged it."""
 
@@ -4126,12 +4139,19 @@ class RedactingFormatter(logging.Formatter):
         return super().format(record)
 
     def formatTime(self, record, datefmt=None):
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float) -> str:
         # The same as logging's default, with the strftime done once a second, not once a line.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"
+        return f"{self._stamp},{int(msecs):03d}"
+
+    def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
+        """An access or audit line, exactly as format() writes its LogLine (EventLog's fast path)."""
+        return self.format(LogLine(msg, args, fields, event, created))
 
 
 class TextFormatter(RedactingFormatter):
@@ -4145,19 +4165,29 @@ class TextFormatter(RedactingFormatter):
             return super().render(record)   # a traceback: as the standard formatter writes it
         return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
 
+    def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
+        # Redacting each argument is redacting the line: every %s in ACCESS_TEXT and AUDIT_TEXT
+        # stands between characters no secret holds (a space, a quote), so no run crosses one.
+        return f"{self.stamp(created, msecs_of(created))} INFO {msg % redacted_args(args)}"
+
+
+def msecs_of(created: float) -> float:
+    return int((created - int(created)) * 1000) + 0.0
+
 
 class LogLine(logging.LogRecord):
     """An access or audit line: a LogRecord made without the lookups each request would pay for
     (the calling file's name and module, the thread's and the process's names, left None),
     carrying the field names a JSON line gives its arguments."""
 
-    def __init__(self, msg: str, args: tuple, fields: Tuple[str, ...], event: str):   # noqa: super() not called
-        now = time.time()
+    def __init__(self, msg: str, args: tuple, fields: Tuple[str, ...], event: str,   # noqa: no super()
+                 created: Optional[float] = None):
+        now = time.time() if created is None else created
         self.__dict__ = {
             "name": log.name, "msg": msg, "args": args, "levelname": "INFO", "levelno": logging.INFO,
             "pathname": __file__, "filename": None, "module": None, "exc_info": None, "exc_text": None,
             "stack_info": None, "lineno": 0, "funcName": None, "created": now,
-            "msecs": int((now - int(now)) * 1000) + 0.0, "relativeCreated": 0.0,
+            "msecs": msecs_of(now), "relativeCreated": 0.0,
             "thread": threading.get_ident(), "threadName": None, "processName": None, "process": None,
             "taskName": None, "fields": fields, "event": event}
 
@@ -4165,27 +4195,37 @@ class LogLine(logging.LogRecord):
 class JsonFormatter(RedactingFormatter):
     """One JSON object a line: time, level, logger, message, and an access or audit line's fields.
 
-    The whole line goes through the same redact() as a text line.
+    The whole line goes through the same redact() as a text line; an access or audit line from
+    EventLog, each of its values.
     """
 
     def render(self, record) -> str:
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                + f".{int(record.msecs):03d}Z",
-                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if fields and record.args:
-            line["event"] = getattr(record, "event", "")
-            for name, value in zip(fields, record.args):
-                line[name] = round(value, 1) if isinstance(value, float) else value
+        line = self.fields(record.created, record.msecs, record.levelname, record.name, record.getMessage(),
+                           getattr(record, "fields", None), record.args, getattr(record, "event", ""))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
 
+    @staticmethod
+    def fields(created, msecs, level, logger, message, fields, args, event) -> Dict[str, object]:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z",
+                "level": level, "logger": logger, "message": message}
+        if fields and args:
+            line["event"] = event
+            for name, value in zip(fields, args):
+                line[name] = round(value, 1) if isinstance(value, float) else value
+        return line
+
+    def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
+        # Each string redacted on its own, and the message made of them: no secret is in any
+        # value, so none is in the JSON text (whose escapes only add backslashes).
+        args = redacted_args(args)
+        return json.dumps(self.fields(created, msecs_of(created), "INFO", log.name, msg % args, fields, args, event))
+
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands formatted lines to the writer thread; drops them rather than make a request wait.
-
-    A log sink that stalls (a full pipe, a stuck journal) must not stall the proxy.
+    """Hands finished lines (text, redacted) to the writer thread; drops them rather than make a
+    request wait. A log sink that stalls (a full pipe, a stuck journal) must not stall the proxy.
     """
 
     def __init__(self, capacity: int = 10000):
@@ -4195,25 +4235,50 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
         self.dropped = 0
         self.dropped_total = 0   # never reset: the metrics' count
 
-    def prepare(self, record):
-        # Format once, here, in place: this is the root's only handler and the last to see it.
-        record.message = record.msg = self.format(record)
-        record.args = record.exc_info = record.exc_text = None
-        return record
+    def prepare(self, record) -> str:
+        # Formatted here, once: this is the root's only handler and the last to see the record.
+        return self.format(record)
 
-    def enqueue(self, record):
-        waiting = self.queue.qsize()
-        if waiting >= self.capacity:
-            self.dropped += 1
-            self.dropped_total += 1
+    def enqueue(self, line: str) -> None:
+        """Queue one line; EventLog calls this without the handler's lock, so the drop count takes it."""
+        if self.dropped or self.queue.qsize() >= self.capacity:
+            with self.lock:
+                waiting = self.queue.qsize()
+                if waiting >= self.capacity:
+                    self.dropped += 1
+                    self.dropped_total += 1
+                    return
+                if self.dropped and waiting < self.capacity // 2:
+                    note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
+                                             "%d log lines were dropped: the log output was not keeping up",
+                                             (self.dropped,), None)
+                    self.queue.put(self.format(note))
+                    self.dropped = 0
+        self.queue.put(line)
+
+
+class EventLog:
+    """Writes the access and audit lines, at INFO.
+
+    Given the log writer's handler (main() gives it), it formats a line with that handler's
+    formatter and queues it: no LogRecord, no trip through the logging module, and each field
+    redacted once through a cache. This is most of an access line's cost, paid on every request
+    while other requests wait for the interpreter. Without one (tests, a program importing this
+    file), it hands the logger a LogLine, so whatever handlers are configured see it.
+    """
+
+    def __init__(self, handler: Optional[DroppingQueueHandler] = None, clock: Callable[[], float] = time.time):
+        self.handler = handler
+        self.clock = clock
+
+    def write(self, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> None:
+        if not log.isEnabledFor(logging.INFO):
             return
-        if self.dropped and waiting < self.capacity // 2:
-            note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
-                                     "%d log lines were dropped: the log output was not keeping up",
-                                     (self.dropped,), None)
-            self.queue.put(self.prepare(note))
-            self.dropped = 0
-        self.queue.put(record)
+        handler = self.handler
+        if handler is None:
+            log.handle(LogLine(msg, args, fields, event, self.clock()))
+        else:
+            handler.enqueue(handler.formatter.event_line(self.clock(), msg, args, fields, event))
 
 
 class LogWriter:
@@ -4237,7 +4302,7 @@ class LogWriter:
                     batch.append(self._lines.get_nowait())
                 except queue.Empty:
                     break
-            text = "".join(record.msg + "\n" for record in batch if record is not None)
+            text = "".join(line + "\n" for line in batch if line is not None)
             try:
                 self._stream.write(text)
                 self._stream.flush()
@@ -4267,8 +4332,10 @@ def set_log_options(verbose: bool, log_format: str) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def configure_logging(verbose: bool, stream=None, log_format: str = "text") -> LogWriter:
-    """Log lines go, redacted, through a bounded queue to a writer thread; returns that writer."""
+def configure_logging(verbose: bool, stream=None,
+                      log_format: str = "text") -> Tuple[DroppingQueueHandler, LogWriter]:
+    """Log lines go, redacted, through a bounded queue to a writer thread; returns the queue's
+    handler (for an EventLog) and that writer."""
     handler = DroppingQueueHandler()
     writer = LogWriter(handler.queue, stream or sys.stderr)
     root = logging.getLogger()
@@ -4278,7 +4345,7 @@ def configure_logging(verbose: bool, stream=None, log_format: str = "text") -> L
     # The SDK's debug output includes response bodies, credentials among them: never let it through.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return writer
+    return handler, writer
 
 
 # Keys a running proxy cannot change (its sockets, its Docker and STS clients, its cache's shape):
@@ -4299,8 +4366,10 @@ class Proxy:
 
     def __init__(self, config: Config, sts=None, limits: Limits = Limits(), wait_timeout: float = 0.8,
                  env_region: Optional[str] = None, clock: Callable[[], float] = time.time,
-                 static_ttl: float = STATIC_TTL, upstream_recheck: float = 30.0):
+                 static_ttl: float = STATIC_TTL, upstream_recheck: float = 30.0,
+                 events: Optional[EventLog] = None):
         self.config = config
+        events = events if events is not None else EventLog()
         self.upstream_recheck = upstream_recheck   # with the admin listener: /readyz's metadata probe, seconds
         self.env_region = env_region
         self._check_docker_socket(config.docker_socket)
@@ -4311,7 +4380,7 @@ class Proxy:
         self.credentials = CredentialCache(self.sts, pacer=StsPacer(config.sts_rate, config.sts_burst),
                                            clock=clock, shared=config.session_scope == "role",
                                            metrics=self.metrics)
-        self.audit = Audit()
+        self.audit = Audit(events=events)
         self.lifecycle = ContainerLifecycle(self.roles, self.credentials, audit=self.audit)
         self.index = ContainerIndex(config.static_mappings)
         self.watcher = DockerWatcher(DockerClient(config.docker_socket), self.index, with_env=config.env_roles,
@@ -4331,7 +4400,8 @@ class Proxy:
                                        wall_clock=clock, forward_rule=config.forward, audit=self.audit,
                                        forward_budget=budget)
         try:
-            self.server = MetadataProxyServer(config.listen, self.service, limits, metrics=self.metrics)
+            self.server = MetadataProxyServer(config.listen, self.service, limits, metrics=self.metrics,
+                                              events=events)
         except OSError as exc:
             host, port = config.listen
             raise StartupError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from None
@@ -4643,15 +4713,16 @@ def main(argv=None) -> int:
         # Outside EC2: the proxy's own credentials are the developer's; botocore reads
         # this switch from the environment only.
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    handler, writer = configure_logging(config.verbose, log_format=config.log_format)
     try:
-        proxy = Proxy(config, env_region=env_region)
-    except StartupError as exc:
-        print(f"ec2metaproxy: {exc}", file=sys.stderr)
+        proxy = Proxy(config, env_region=env_region, events=EventLog(handler))
+    except (StartupError, ImportError) as exc:
+        writer.stop()
+        if isinstance(exc, ImportError):
+            print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
+        else:
+            print(f"ec2metaproxy: {exc}", file=sys.stderr)
         return 1
-    except ImportError as exc:
-        print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
-        return 1
-    writer = configure_logging(config.verbose, log_format=config.log_format)
 
     def stop(signum, frame):
         log.info("received %s; shutting down", signal.Signals(signum).name)

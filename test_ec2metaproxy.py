@@ -4296,14 +4296,13 @@ class TestDroppedLogLines(unittest.TestCase):
         root = logging.getLogger()
         root.addHandler(handler)
         self.addCleanup(root.removeHandler, handler)
-        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 0, "line", (), None)
         for _ in range(5):
-            handler.enqueue(record)
+            handler.enqueue("line")
         self.assertEqual(emp.dropped_log_lines(), 3)
         while not handler.queue.empty():
             handler.queue.get_nowait()
-        handler.enqueue(record)   # room again: the "lines were dropped" note goes out and its count restarts
-        self.assertIn("were dropped", handler.queue.get_nowait().msg)
+        handler.enqueue("line")   # room again: the "lines were dropped" note goes out and its count restarts
+        self.assertIn("were dropped", handler.queue.get_nowait())
         self.assertEqual(emp.dropped_log_lines(), 3)
 
 
@@ -4470,6 +4469,85 @@ class TestLogLines(unittest.TestCase):
         self.assertEqual((lines[1], lines[-1]), ("Traceback (most recent call last):", "ValueError: [redacted]"))
 
 
+class TestEventLog(unittest.TestCase):
+    """Access and audit lines queued straight to the log writer: each must read exactly as the
+    LogLine it stands for, with every secret redacted, in text and in JSON."""
+
+    CREATED = 1700000000.25
+    ARGS = TestLogLines.ARGS
+    ACCESS = "%s %s %s %s %s %d %.1fms"   # the access line's shape, as the README shows it
+
+    def queued(self, formatter, args=ARGS, level=logging.INFO):
+        handler = emp.DroppingQueueHandler()
+        handler.setFormatter(formatter)
+        saved = emp.log.level
+        emp.log.setLevel(level)
+        self.addCleanup(emp.log.setLevel, saved)
+        emp.EventLog(handler, clock=lambda: self.CREATED).write(self.ACCESS, args, emp.ACCESS_FIELDS, "access")
+        return [handler.queue.get_nowait() for _ in range(handler.queue.qsize())]
+
+    @staticmethod
+    def text_formatter():
+        formatter = emp.log_formatter("text")
+        formatter.converter = time.gmtime
+        return formatter
+
+    def test_a_text_line_has_time_level_and_message(self):
+        self.assertEqual(self.queued(self.text_formatter()), [
+            "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET "
+            "/latest/meta-data/iam/security-credentials/web-role 200 1.2ms"])
+
+    def test_a_json_line_names_every_field(self):
+        [line] = self.queued(emp.log_formatter("json"))
+        self.assertEqual(json.loads(line), {
+            "time": "2023-11-14T22:13:20.250Z", "level": "INFO", "logger": "ec2metaproxy",
+            "message": "127.0.0.2 web-1 web-role GET /latest/meta-data/iam/security-credentials/web-role 200 1.2ms",
+            "event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role", "method": "GET",
+            "path": "/latest/meta-data/iam/security-credentials/web-role", "status": 200, "ms": 1.2})
+
+    def test_a_secret_in_a_field_is_redacted_in_text_and_json(self):
+        secret = TestRedaction.SECRETS[1]
+        args = ("127.0.0.2", "web-1", "web-role", "GET", f"/latest/meta-data/{secret}", 404, 0.5)
+        [text] = self.queued(self.text_formatter(), args)
+        self.assertEqual(text, "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET [redacted] 404 0.5ms")
+        [line] = self.queued(emp.log_formatter("json"), args)
+        self.assertNotIn(secret[:20], line)
+        self.assertEqual((json.loads(line)["path"], json.loads(line)["message"]),
+                         ("[redacted]", "127.0.0.2 web-1 web-role GET [redacted] 404 0.5ms"))
+
+    def test_field_by_field_reads_as_the_whole_line_would(self):
+        """The fast path redacts each argument; the LogLine's formatter, the whole line. They must
+        agree for both shapes of line, whatever the fields hold (a fixed seed, 3,000 lines)."""
+        pieces = list(TestRedaction.SECRETS) + [secret[:20] for secret in TestRedaction.SECRETS] + [
+            "web-1", "/latest/meta-data/", "S3Reader", "a", "Z", "9", "-", "/", "+", "=", "_", " ", '"', ".",
+            "\u00e9", "\\x1b", "0123456789abcdef" * 2, "ABCDEFGHIJKLMNOP"]
+        shapes = [(emp.ACCESS_TEXT, emp.ACCESS_FIELDS, "access", 5), (emp.AUDIT_TEXT, emp.AUDIT_FIELDS, "audit", 12)]
+        randomly = random.Random(11)
+        text, as_json = self.text_formatter(), emp.log_formatter("json")
+        for number in range(3000):
+            msg, fields, event, strings = shapes[number % 2]
+            args = tuple("".join(randomly.choice(pieces) for _ in range(randomly.randint(0, 5)))
+                         for _ in range(strings))
+            if event == "access":
+                args += (randomly.choice((200, 404)), randomly.random() * 10)
+            whole = text.format(emp.LogLine(msg, args, fields, event, self.CREATED))
+            self.assertEqual(text.event_line(self.CREATED, msg, args, fields, event), whole, args)
+            line = as_json.event_line(self.CREATED, msg, args, fields, event)
+            self.assertEqual(json.loads(line)["message"], whole.split(" INFO ", 1)[1], args)
+            for secret in TestRedaction.SECRETS:
+                self.assertNotIn(secret[:32], line)
+
+    def test_nothing_is_queued_below_the_level(self):
+        self.assertEqual(self.queued(self.text_formatter(), level=logging.WARNING), [])
+
+    def test_without_a_handler_the_logger_gets_a_log_line(self):
+        with LogCapture(emp.log_formatter("text")) as logs:
+            logs.formatter.converter = time.gmtime
+            emp.EventLog(clock=lambda: self.CREATED).write(self.ACCESS, self.ARGS, emp.ACCESS_FIELDS, "access")
+        self.assertEqual(logs.text, "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET "
+                                    "/latest/meta-data/iam/security-credentials/web-role 200 1.2ms\n")
+
+
 class TestDroppingQueueHandler(unittest.TestCase):
 
     def record(self, text):
@@ -4480,9 +4558,9 @@ class TestDroppingQueueHandler(unittest.TestCase):
         handler.setFormatter(emp.RedactingFormatter("%(message)s"))
         for number in range(5):
             handler.emit(self.record(f"line {number}"))
-        self.assertEqual([handler.queue.get_nowait().msg for _ in range(2)], ["line 0", "line 1"])
+        self.assertEqual([handler.queue.get_nowait() for _ in range(2)], ["line 0", "line 1"])
         handler.emit(self.record("line 5"))
-        self.assertEqual([handler.queue.get_nowait().msg for _ in range(2)],
+        self.assertEqual([handler.queue.get_nowait() for _ in range(2)],
                          ["3 log lines were dropped: the log output was not keeping up", "line 5"])
 
     def test_lines_are_formatted_and_redacted_once_before_queueing(self):
@@ -4490,22 +4568,16 @@ class TestDroppingQueueHandler(unittest.TestCase):
         handler.setFormatter(emp.RedactingFormatter("%(levelname)s %(message)s"))
         handler.emit(logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, "key %s",
                                        (TestRedaction.SECRETS[0],), None))
-        queued = handler.queue.get_nowait()
-        self.assertEqual((queued.msg, queued.args), ("INFO key [redacted]", None))
+        self.assertEqual(handler.queue.get_nowait(), "INFO key [redacted]")
 
 
 class TestLogWriter(unittest.TestCase):
-
-    def record(self, text):
-        record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, text, (), None)
-        record.msg = text
-        return record
 
     def test_writes_every_queued_line_in_order_before_it_stops(self):
         lines, stream = queue.SimpleQueue(), io.StringIO()
         writer = emp.LogWriter(lines, stream)
         for number in range(100):
-            lines.put(self.record(f"line {number}"))
+            lines.put(f"line {number}")
         writer.stop(timeout=5)
         self.assertEqual(stream.getvalue(), "".join(f"line {number}\n" for number in range(100)))
 
@@ -4515,9 +4587,9 @@ class TestLogWriter(unittest.TestCase):
                 raise OSError("no space left")
         lines = queue.SimpleQueue()
         writer = emp.LogWriter(lines, Broken())
-        lines.put(self.record("lost"))
+        lines.put("lost")
         self.assertTrue(wait_until(lambda: lines.empty(), timeout=5))   # taken, and its write failed
-        lines.put(self.record("also lost"))   # the writer must still be there to take the next one
+        lines.put("also lost")   # the writer must still be there to take the next one
         self.assertTrue(wait_until(lambda: lines.empty(), timeout=5))
         writer.stop(timeout=5)
 
@@ -4877,6 +4949,10 @@ class TestMain(ProcessTestCase):
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
         self.assertNotIn("Traceback", logs())
+        access = [line.split(" INFO ", 1)[1] for line in logs().splitlines() if " INFO 127.0.0.1 " in line]
+        self.assertEqual([re.sub(r" \d+\.\dms$", " <ms>", line) for line in access],
+                         ["127.0.0.1 - - PUT /latest/api/token 200 <ms>",
+                          "127.0.0.1 - - GET /latest/meta-data/instance-id 502 <ms>"])
 
     def test_sigterm_finishes_requests_in_flight_then_exits_zero(self):
         imds = ImdsStandIn().start()
@@ -4984,6 +5060,10 @@ class TestMain(ProcessTestCase):
                       f"web-1: {arn('web-role')} -> {arn('web-role-2')}", messages)
         self.assertEqual([line["level"] for line in lines if line["message"].startswith("config reload")],
                          ["ERROR", "WARNING", "INFO"])
+        self.assertIn({"event": "access", "source": "127.0.0.2", "container": "web-1", "role": "web-role-2",
+                       "method": "GET", "path": CREDENTIALS, "status": 200},
+                      [{key: line.get(key) for key in ("event", "source", "container", "role", "method", "path",
+                                                        "status")} for line in lines])
         debug = [line["message"] for line in lines if line["level"] == "DEBUG"]   # verbose, then not
         self.assertTrue(any(CREDENTIALS + "before" in message for message in debug), debug)
         self.assertFalse(any(CREDENTIALS + "after" in message for message in debug), debug)

@@ -3350,6 +3350,17 @@ class TestRequestReader(unittest.TestCase):
         self.assertEqual(found[0].headers, {"x-slow": "1"})
         self.assertEqual(self.conn.state, emp.Connection.BUSY)
 
+    def test_a_new_connection_is_read_without_a_wait_and_waited_for_when_nothing_is_there(self):
+        self.assertIsNone(self.reader.receive_now())   # nothing sent yet: neither a request nor a close
+        self.client.sendall(b"GET /a HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.next_request().target, "/a")
+        client, server_side = socket.socketpair()
+        self.addCleanup(server_side.close)
+        client.close()   # a new connection closed before it sent anything
+        reader = emp.RequestReader(server_side, self.admission.open("10.0.0.2", server_side), self.admission,
+                                   emp.Limits(), time.monotonic)
+        self.assertIsNone(reader.read_head())
+
     def test_bodies_imds_would_not_take_are_400(self):
         for head in (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
                      b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -3358,6 +3369,51 @@ class TestRequestReader(unittest.TestCase):
             with self.assertRaises(emp.HttpError) as caught:
                 self.reader.discard_body(request)
             self.assertEqual(caught.exception.status, 400, head)
+
+
+class TestSendAll(unittest.TestCase):
+    """An answer goes at once when the socket takes it, the rest as the peer reads, within the time-out."""
+
+    def setUp(self):
+        self.client, self.server_side = socket.socketpair()
+        self.addCleanup(self.client.close)
+        self.addCleanup(self.server_side.close)
+
+    def fill(self):
+        """Fill the server side's buffer while the client reads nothing; the bytes written."""
+        self.server_side.setblocking(False)
+        written = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100000):   # bounded: a socket buffers megabytes at most
+                written += self.server_side.send(b"f" * 65536)
+        self.server_side.setblocking(True)
+        return written
+
+    def send_in_thread(self, data, timeout):
+        result = []
+        thread = threading.Thread(target=lambda: result.append(emp.send_all(self.server_side, data, timeout)))
+        thread.start()
+        return thread, result
+
+    def test_an_answer_behind_a_full_buffer_goes_out_as_the_peer_reads(self):
+        filled = self.fill()
+        payload = bytes(range(256)) * 4096   # 1 MiB
+        thread, result = self.send_in_thread(payload, 10.0)
+        self.client.settimeout(10)
+        received = bytearray()
+        for _ in range(100000):   # bounded
+            if len(received) >= filled + len(payload):
+                break
+            received += self.client.recv(1 << 20)
+        thread.join(10)
+        self.assertEqual(result, [True])
+        self.assertEqual(bytes(received[filled:]), payload)
+
+    def test_a_peer_that_reads_nothing_costs_the_time_out_and_no_more(self):
+        self.fill()
+        thread, result = self.send_in_thread(b"x" * 65536, 0.2)
+        thread.join(10)
+        self.assertEqual(result, [False])
 
 
 class TestHttpServer(ProxyTestCase):
@@ -3516,6 +3572,7 @@ class TestMetadataProxyServer(unittest.TestCase):
             "/sts": emp.CredentialError("Throttling", "slow down"),
             "/bug": RuntimeError("a bug"),
             "/oserror": OSError("a bug that looks like a broken connection"),
+            "/big": emp.Answer(200, bytes(range(256)) * 32768),   # 8 MiB: far more than a socket buffers
         }
         self.wall = FakeClock()
         self.wall.now = 1767225600.0   # Thu, 01 Jan 2026 00:00:00 GMT
@@ -3548,6 +3605,22 @@ class TestMetadataProxyServer(unittest.TestCase):
         self.assertIn(b"Allow: PUT\r\n", received)
         self.assertIn(b'"Code": "Throttling"', received)
         self.assertIn(b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n", received)   # the injected wall clock
+
+    def test_an_answer_larger_than_the_socket_buffers_arrives_whole(self):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the client reads slowly
+            sock.settimeout(10)
+            sock.connect(self.server.server_address[:2])
+            sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
+            received = []
+            for _ in range(100000):   # bounded: 8 MiB in chunks of at least 4 KiB is under 3,000 reads
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received.append(chunk)
+        head, _, body = b"".join(received).partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: 8388608\r\n", head)
+        self.assertEqual(body, bytes(range(256)) * 32768)
 
     def test_a_bug_costs_one_request_a_500_and_the_connection(self):
         for path in ("/bug", "/oserror"):

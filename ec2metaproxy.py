@@ -4140,17 +4140,36 @@ def admin_server(listen, admin: AdminService):
 # main ##############################################################
 # Owns the command line, logging, signals, and the wiring of the parts.
 
-# A run of 32+ base64 characters ("/" included: secret keys hold it) mixing upper case, lower
-# case and digits: the shape of a secret key, a session token or an IMDSv2 token, and not of a
-# lower-case path, an ARN or a hex container id.
-# The lookaheads stay inside the run (they only cross run characters), and the lookbehind makes
-# each match start where a run starts: one regex, no Python call per candidate on every log line.
-_RUN = "[A-Za-z0-9+/=_-]"
-SECRET_CANDIDATE = re.compile(rf"(?<!{_RUN})(?={_RUN}*[A-Z])(?={_RUN}*[a-z])(?={_RUN}*[0-9]){_RUN}{{32,}}")
+# A secret is a run of 32+ characters of one base64 alphabet mixing upper case, lower case and
+# digits: standard base64 ("/" and "+": secret access keys, session tokens) or base64url ("-"
+# and "_": IMDSv2 tokens). A path joins its segments with "/" and its words with "-", so it is
+# never one long run of either: ".../security-credentials/S3Reader" is kept, and so are an ARN
+# and a hex container id; a secret inside a path is still a run, and is blanked whole.
+# Each regex's lookaheads stay inside the run (they only cross its characters), and its
+# lookbehind makes a match start where a run starts: linear, no Python call per candidate.
+def _secret_runs(alphabet: str):
+    return re.compile(rf"(?<!{alphabet})(?={alphabet}*[A-Z])(?={alphabet}*[a-z])(?={alphabet}*[0-9]){alphabet}{{32,}}")
+
+
+SECRET_RUNS = (_secret_runs("[A-Za-z0-9+/=]"), _secret_runs("[A-Za-z0-9_=-]"))
 
 
 def redact(text: str) -> str:
-    return SECRET_CANDIDATE.sub("[redacted]", text)
+    spans = sorted(match.span() for pattern in SECRET_RUNS for match in pattern.finditer(text))
+    if not spans:
+        return text
+    merged = [list(spans[0])]
+    for start, end in spans[1:]:   # runs of the two alphabets may overlap: blank their union
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces, done = [], 0
+    for start, end in merged:
+        pieces += (text[done:start], "[redacted]")
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 # The fields of access and audit lines repeat (a container's path, its name, its role): each is

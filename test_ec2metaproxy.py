@@ -4425,6 +4425,8 @@ class TestRedaction(unittest.TestCase):
     KEPT = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",   # a container id
             "arn:aws:iam::123456789012:role/path/to/DeployRole-Production",
             "/latest/meta-data/iam/security-credentials/my-application-role-name",
+            "/latest/meta-data/iam/security-credentials/S3ReadOnlyRole2024",   # upper case and digits too
+            "/latest/meta-data/iam/security-credentials/EC2-Instance-Role-Production-01",
             "ASIAXAMPLEACCESSKEY1", "0123456789abcdef0123456789abcdef01234567")
 
     def test_a_secret_shaped_string_is_redacted(self):
@@ -4448,6 +4450,14 @@ class TestRedaction(unittest.TestCase):
             ("aB1" * 10 + "xy", "[redacted]"),   # ...32 are not
             (f"{lower_digits}/{lower_digits}:Z{lower_digits}", f"{lower_digits}/{lower_digits}:[redacted]"),
             (f"a/{TestRedaction.SECRETS[1]}/b end", "[redacted] end"),   # "/" joins a path to a key
+            # A run is of one alphabet: base64 ("/", "+") or base64url ("-", "_"). 47 characters,
+            # but neither alphabet's runs reach 32...
+            (f"{'aB1' * 5}-{'aB1' * 5}/{'aB1' * 5}", f"{'aB1' * 5}-{'aB1' * 5}/{'aB1' * 5}"),
+            # ...until one does: the base64url run here, then the base64 one
+            (f"{'aB1' * 5}x-{'aB1' * 5}/{'aB1' * 5}", f"[redacted]/{'aB1' * 5}"),
+            (f"{'aB1' * 5}-{'aB1' * 5}/{'aB1' * 5}x", f"{'aB1' * 5}-[redacted]"),
+            # runs of the two alphabets that overlap are blanked as one
+            (f"{'aB1' * 8}-{'aB1' * 8}/{'aB1' * 8} end", "[redacted] end"),
         ]
         for text, expected in cases:
             self.assertEqual(emp.redact(text), expected, text)
@@ -4582,11 +4592,12 @@ class TestEventLog(unittest.TestCase):
         secret = TestRedaction.SECRETS[1]
         args = ("127.0.0.2", "web-1", "web-role", "GET", f"/latest/meta-data/{secret}", 404, 0.5)
         [text] = self.queued(self.text_formatter(), args)
-        self.assertEqual(text, "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET [redacted] 404 0.5ms")
+        self.assertEqual(text, "2023-11-14 22:13:20,250 INFO 127.0.0.2 web-1 web-role GET /latest/meta-[redacted] "
+                               "404 0.5ms")
         [line] = self.queued(emp.log_formatter("json"), args)
         self.assertNotIn(secret[:20], line)
         self.assertEqual((json.loads(line)["path"], json.loads(line)["message"]),
-                         ("[redacted]", "127.0.0.2 web-1 web-role GET [redacted] 404 0.5ms"))
+                         ("/latest/meta-[redacted]", "127.0.0.2 web-1 web-role GET /latest/meta-[redacted] 404 0.5ms"))
 
     def test_field_by_field_reads_as_the_whole_line_would(self):
         """The fast path redacts each argument; the LogLine's formatter, the whole line. They must

@@ -3529,6 +3529,7 @@ class Admission:
 # then a new connection's first read waits as every other does).
 EAGER_RECV = getattr(socket, "MSG_DONTWAIT", 0)
 
+
 def send_all(sock: socket.socket, data: bytes, timeout: float) -> bool:
     """Write data, False when the connection is gone or the peer takes more than timeout to read it.
 
@@ -4185,8 +4186,7 @@ def redacted_args(args: tuple) -> tuple:
 class RedactingFormatter(logging.Formatter):
     """Blanks anything shaped like a secret key, session token or IMDSv2 token, whatever logged it."""
 
-    _second = None
-    _stamp = ""
+    _stamped = (None, "")   # (a second, its text): one attribute, so threads never see half an update
 
     def format(self, record):
         return redact(self.render(record))
@@ -4200,11 +4200,12 @@ class RedactingFormatter(logging.Formatter):
 
     def stamp(self, created: float, msecs: float) -> str:
         # The same as logging's default, with the strftime done once a second, not once a line.
+        # EventLog calls this from many threads at once, outside the handler's lock.
         second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._second = second
-        return f"{self._stamp},{int(msecs):03d}"
+        stamped = self._stamped
+        if stamped[0] != second:
+            stamped = self._stamped = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return f"{stamped[1]},{int(msecs):03d}"
 
     def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
         """An access or audit line, exactly as format() writes its LogLine (EventLog's fast path)."""
@@ -4257,14 +4258,14 @@ class JsonFormatter(RedactingFormatter):
     """
 
     def render(self, record) -> str:
-        line = self.fields(record.created, record.msecs, record.levelname, record.name, record.getMessage(),
-                           getattr(record, "fields", None), record.args, getattr(record, "event", ""))
+        line = self.as_object(record.created, record.msecs, record.levelname, record.name, record.getMessage(),
+                              getattr(record, "fields", None), record.args, getattr(record, "event", ""))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
 
     @staticmethod
-    def fields(created, msecs, level, logger, message, fields, args, event) -> Dict[str, object]:
+    def as_object(created, msecs, level, logger, message, fields, args, event) -> Dict[str, object]:
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z",
                 "level": level, "logger": logger, "message": message}
         if fields and args:
@@ -4277,7 +4278,8 @@ class JsonFormatter(RedactingFormatter):
         # Each string redacted on its own, and the message made of them: no secret is in any
         # value, so none is in the JSON text (whose escapes only add backslashes).
         args = redacted_args(args)
-        return json.dumps(self.fields(created, msecs_of(created), "INFO", log.name, msg % args, fields, args, event))
+        return json.dumps(self.as_object(created, msecs_of(created), "INFO", log.name, msg % args, fields, args,
+                                         event))
 
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):

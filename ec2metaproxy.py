@@ -2622,6 +2622,13 @@ class TokenIssuer:
 CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """A caller's text as a log line shows it: escaped to ASCII, and cut to limit only after any
+    secret in it is blanked (a secret cut short would be too short for the log's own redaction)."""
+    text = ascii(text)[1:-1]
+    return text if len(text) <= limit else redact(text)[:limit]
+
+
 def normalize_path(target: str) -> str:
     """Resolve a request target the way a server would: one percent-decoding, then dot segments.
 
@@ -3288,7 +3295,7 @@ class MetadataService:
             return text_answer(200, spec.role_name)
         if rest[1] != spec.role_name:
             self.audit.refused(request.source, imds_version(request), container, decision,
-                               f"asked for role {ascii(rest[1])[1:-1][:64]}, not its own")
+                               f"asked for role {shown(rest[1], 64)}, not its own")
             raise HttpError(404, "another role's name")
         try:
             creds = self.credentials.get(container.id, container.name, spec, max(0.05, deadline - self.clock()),
@@ -3335,7 +3342,7 @@ class MetadataService:
         if not rule.everything and not forwardable(rule, path):
             self.audit.refused(request.source, imds_version(request), container,
                                NO_CALLER if container is None else Decision(None),
-                               f"path {ascii(path)[1:-1][:200]} refused by the forward policy")
+                               f"path {shown(path)} refused by the forward policy")
             raise HttpError(404, "refused by the forward policy")
         budget = self.forward_budget
         caller = self.binding(container, request.source)
@@ -3774,7 +3781,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         return self.send(request, answer, keep) and keep
 
     def internal_error(self, request: Optional[Request]) -> Answer:
-        log.exception("error answering %s from %s", ascii(request.target)[:200] if request else "-",
+        log.exception("error answering %s from %s", shown(request.target) if request else "-",
                       self.conn.source)
         return text_answer(500, "500 - Internal Server Error")
 
@@ -3793,13 +3800,13 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 args = (self.conn.source, "-", "-", "-", "-", status, (time.perf_counter() - started) * 1000)
             else:
                 args = (request.source, request.container, request.role, request.method,
-                        ascii(request.target)[1:-1][:200], status, (time.perf_counter() - started) * 1000)
+                        shown(request.target), status, (time.perf_counter() - started) * 1000)
             self.events.write(ACCESS_TEXT, args, ACCESS_FIELDS, "access")
 
     def log_error(self, request: Optional[Request], exc: HttpError) -> None:
         """Why a request was refused, at DEBUG (the reason never holds a secret)."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s: %d %s", self.conn.source, ascii(request.target)[1:-1][:200] if request else "-",
+            log.debug("%s %s: %d %s", self.conn.source, shown(request.target) if request else "-",
                       exc.status, exc)
 
     def send(self, request: Optional[Request], answer: Answer, keep: bool) -> bool:
@@ -4250,18 +4257,32 @@ class LogLine(logging.LogRecord):
             "taskName": None, "fields": fields, "event": event}
 
 
+def json_safe(value: str) -> str:
+    """A string for a JSON line: redacted, and blanked whole if its JSON form still holds a secret's
+    shape (an escape such as \\u00e9 or \\t joins letters and digits to the run after it)."""
+    value = redact(value)
+    encoded = json.dumps(value)
+    return value if redact(encoded) == encoded else "[redacted]"
+
+
+json_field = functools.lru_cache(maxsize=4096)(json_safe)   # access and audit fields repeat, as in redact_field
+
+
 class JsonFormatter(RedactingFormatter):
     """One JSON object a line: time, level, logger, message, and an access or audit line's fields.
 
-    The whole line goes through the same redact() as a text line; an access or audit line from
-    EventLog, each of its values.
+    Redacted value by value (json_safe), not as a whole line: blanking a run that an escape
+    began would leave a backslash before "[redacted]", and the line would not be JSON. Values
+    sit between quotes, so no run crosses from one into another.
     """
 
-    def render(self, record) -> str:
-        line = self.as_object(record.created, record.msecs, record.levelname, record.name, record.getMessage(),
-                              getattr(record, "fields", None), record.args, getattr(record, "event", ""))
+    def format(self, record) -> str:
+        fields = getattr(record, "fields", None)
+        args = tuple(json_field(value) if type(value) is str else value for value in record.args) if fields else ()
+        line = self.as_object(record.created, record.msecs, record.levelname, record.name,
+                              json_safe(record.getMessage()), fields, args, getattr(record, "event", ""))
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = json_safe(self.formatException(record.exc_info))
         return json.dumps(line)
 
     @staticmethod
@@ -4275,9 +4296,9 @@ class JsonFormatter(RedactingFormatter):
         return line
 
     def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
-        # Each string redacted on its own, and the message made of them: no secret is in any
-        # value, so none is in the JSON text (whose escapes only add backslashes).
-        args = redacted_args(args)
+        # The message is made of the safe values: its JSON form is theirs joined by the shape's
+        # spaces and quotes, which no run crosses, so it needs no check of its own.
+        args = tuple(json_field(value) if type(value) is str else value for value in args)
         return json.dumps(self.as_object(created, msecs_of(created), "INFO", log.name, msg % args, fields, args,
                                          event))
 

@@ -4462,6 +4462,13 @@ class TestRedaction(unittest.TestCase):
         for text, expected in cases:
             self.assertEqual(emp.redact(text), expected, text)
 
+    def test_a_callers_text_is_blanked_before_a_line_cuts_it_short(self):
+        token = TestRedaction.SECRETS[2]   # a session token's shape, 84 characters
+        for dots in range(120, 199):   # the cut at 200 falls inside the token, leaving 1 to 79 of it
+            self.assertEqual(emp.shown("/" + "." * dots + token), ("/" + "." * dots + "[redacted]")[:200], dots)
+        self.assertEqual(emp.shown(f"/a\x1b/{token}", 64), "/a\\[redacted]")   # escaped ("x1b/" joins the run)
+        self.assertEqual(emp.shown("/latest/meta-data/\u00e9"), "/latest/meta-data/\\xe9")   # short: escaped only
+
     def test_the_formatter_redacts_the_message_and_its_arguments(self):
         formatter = emp.RedactingFormatter("%(levelname)s %(message)s")
         record = logging.LogRecord("ec2metaproxy", logging.INFO, __file__, 1, "assumed %s for %s: %s",
@@ -4472,6 +4479,23 @@ class TestRedaction(unittest.TestCase):
 
 class TestJsonFormatter(unittest.TestCase):
     """logFormat "json": one object a line, fixed field names, redacted like a text line."""
+
+    # A secret key's shape with no digit (about 1 key in 900): no redaction on its own, but JSON's
+    # \u00e9 before it supplies digits, and whole-line redaction would then leave a bare backslash.
+    NO_DIGIT = "ycdZQPXxEZGAiSGhzkBtPEIwYPFrUVdRuVfVHyab"
+
+    def test_an_escape_that_joins_a_value_into_a_secret_shape_blanks_it_and_the_line_stays_json(self):
+        formatter = emp.log_formatter("json")
+        record = logging.LogRecord("ec2metaproxy", logging.WARNING, __file__, 1, "container %s gets none",
+                                   ("\u00e9" + self.NO_DIGIT,), None)
+        args = ("refused", "-", "web-1", "nginx", "\u00e9" + self.NO_DIGIT, "-", "-", "-", "-", "127.0.0.2", "v1",
+                "no such alias")
+        for line in (formatter.format(record),
+                     formatter.event_line(1700000000.25, emp.AUDIT_TEXT, args, emp.AUDIT_FIELDS, "audit")):
+            self.assertNotIn(self.NO_DIGIT[:20], line)
+            values = json.loads(line)
+            self.assertIn("[redacted]", values["message"])
+        self.assertEqual((values["alias"], values["container_name"]), ("[redacted]", "web-1"))
 
     def test_a_plain_line_has_time_level_logger_message_and_secrets_redacted(self):
         formatter = emp.log_formatter("json")
@@ -4600,11 +4624,12 @@ class TestEventLog(unittest.TestCase):
                          ("/latest/meta-[redacted]", "127.0.0.2 web-1 web-role GET /latest/meta-[redacted] 404 0.5ms"))
 
     def test_field_by_field_reads_as_the_whole_line_would(self):
-        """The fast path redacts each argument; the LogLine's formatter, the whole line. They must
-        agree for both shapes of line, whatever the fields hold (a fixed seed, 3,000 lines)."""
+        """The fast path redacts each argument; the LogLine's text formatter, the whole line. They
+        must agree for both shapes of line, whatever the fields hold (a fixed seed, 3,000 lines).
+        A JSON line holds no secret's shape anywhere, its escapes included, and is JSON."""
         pieces = list(TestRedaction.SECRETS) + [secret[:20] for secret in TestRedaction.SECRETS] + [
             "web-1", "/latest/meta-data/", "S3Reader", "a", "Z", "9", "-", "/", "+", "=", "_", " ", '"', ".",
-            "\u00e9", "\\x1b", "0123456789abcdef" * 2, "ABCDEFGHIJKLMNOP"]
+            "\u00e9", "\t", "\\x1b", "0123456789abcdef" * 2, "ABCDEFGHIJKLMNOP", TestJsonFormatter.NO_DIGIT]
         shapes = [(emp.ACCESS_TEXT, emp.ACCESS_FIELDS, "access", 5), (emp.AUDIT_TEXT, emp.AUDIT_FIELDS, "audit", 12)]
         randomly = random.Random(11)
         text, as_json = self.text_formatter(), emp.log_formatter("json")
@@ -4617,7 +4642,12 @@ class TestEventLog(unittest.TestCase):
             whole = text.format(emp.LogLine(msg, args, fields, event, self.CREATED))
             self.assertEqual(text.event_line(self.CREATED, msg, args, fields, event), whole, args)
             line = as_json.event_line(self.CREATED, msg, args, fields, event)
-            self.assertEqual(json.loads(line)["message"], whole.split(" INFO ", 1)[1], args)
+            self.assertEqual(emp.redact(line), line, args)
+            values = json.loads(line)
+            for name, value in zip(fields, args[:strings]):
+                self.assertIn(values[name], (emp.redact(value), "[redacted]"), args)
+            if "[redacted]" not in values.values():
+                self.assertEqual(values["message"], whole.split(" INFO ", 1)[1], args)
             for secret in TestRedaction.SECRETS:
                 self.assertNotIn(secret[:32], line)
 

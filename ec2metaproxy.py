@@ -3569,6 +3569,7 @@ class RequestReader:
         self.limits = limits
         self.clock = clock
         self.buffer = b""
+        self.peer_closed = False
         # A new connection's first request has nearly always arrived by the time its thread
         # reads: taken without a wait, it costs one system call instead of poll and recv, and
         # every system call here gives up the interpreter lock and queues to take it back.
@@ -3623,6 +3624,7 @@ class RequestReader:
                         return None
                     raise HttpError(408, "request not received in time") from None
             if not chunk:
+                self.peer_closed = True
                 return None
             buffer += chunk
 
@@ -3738,6 +3740,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.metrics = server.metrics
         self.events = server.events
         self.reader = RequestReader(self.request, self.conn, server.admission, server.limits, server.clock)
+        self.closed_as_asked = False
 
     def handle(self):
         while self.handle_one_request():
@@ -3759,14 +3762,17 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 raise HttpError(429, "over the request rate", close=True)
             answer = self.service.answer(request)
             keep = self.keep_alive(request)
+            self.closed_as_asked = not keep and not self.reader.buffer
         except HttpError as exc:
             # The one place a refusal becomes an answer. One the reader raised leaves the
             # stream where no next request can be found: the connection closes.
             answer, keep = error_answer(exc), request is not None and not exc.close and self.keep_alive(request)
+            self.closed_as_asked = request is not None and not exc.close and not keep and not self.reader.buffer
             self.log_error(request, exc)
         except CredentialError as exc:
             log.debug("no credentials for %s: %s", request.container, exc)
             answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
+            self.closed_as_asked = not keep and not self.reader.buffer
         except OSError:
             if request is None:
                 return False   # the connection broke while the request was being read
@@ -3779,6 +3785,13 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.metrics.request_done(request.route if request else "unparsed", answer.status,
                                   time.perf_counter() - started)
         return self.send(request, answer, keep) and keep
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """Nothing the client sent is left unread: it closed first, or it asked this answer to be
+        the last and sent nothing past it. Then close() alone ends the connection with a FIN;
+        otherwise the kernel would answer the unread bytes with a reset (MetadataProxyServer)."""
+        return self.reader.peer_closed or self.closed_as_asked
 
     def internal_error(self, request: Optional[Request]) -> Answer:
         log.exception("error answering %s from %s", shown(request.target) if request else "-",
@@ -3799,7 +3812,7 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
             if request is None:
                 args = (self.conn.source, "-", "-", "-", "-", status, (time.perf_counter() - started) * 1000)
             else:
-                args = (request.source, request.container, request.role, request.method,
+                args = (request.source, request.container, request.role, shown(request.method, 20),
                         shown(request.target), status, (time.perf_counter() - started) * 1000)
             self.events.write(ACCESS_TEXT, args, ACCESS_FIELDS, "access")
 
@@ -3922,18 +3935,21 @@ class MetadataProxyServer(socketserver.TCPServer):
                 return None
 
     def serve_connection(self, request, client_address, conn: Connection) -> None:
+        handler = None
         try:
-            self.RequestHandlerClass(request, client_address, self, conn)
+            handler = self.RequestHandlerClass(request, client_address, self, conn)
         except Exception:
             self.handle_error(request, client_address)
         finally:
             self.admission.close(conn)
-            self.shutdown_request(request)
-
-    def shutdown_request(self, request):
-        # close() alone: this thread is the socket's only owner (no makefile()), so the
-        # connection closes at once; socketserver's shutdown() first is one more system call.
-        self.close_request(request)
+            if getattr(handler, "ended_cleanly", False):
+                # close() alone (this thread is the socket's only owner, with no makefile()): one
+                # system call fewer than socketserver's shutdown() first, on nearly every connection.
+                self.close_request(request)
+            else:
+                # Unread bytes may wait: the FIN that shutdown() sends goes out before the
+                # kernel's reset, so the client reads its answer to a clean end of stream.
+                self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error on the connection from %s", client_address[0])
@@ -4181,9 +4197,18 @@ def redact(text: str) -> str:
 
 
 # The fields of access and audit lines repeat (a container's path, its name, its role): each is
-# redacted once and then looked up. Bounded: a caller sending a new path each time costs one
-# redact() each, as without the cache, and pushes out only the oldest entries.
-redact_field = functools.lru_cache(maxsize=4096)(redact)
+# redacted once and then looked up. Bounded in entries and in their size (a longer value is
+# redacted each time): a caller sending a new path each time costs one redact() each, as
+# without the cache, and holds at most 4,096 entries of 256 characters.
+CACHED_FIELD = 256
+
+
+def field_cache(redactor: Callable[[str], str]) -> Callable[[str], str]:
+    cached = functools.lru_cache(maxsize=4096)(redactor)
+    return lambda value: cached(value) if len(value) <= CACHED_FIELD else redactor(value)
+
+
+redact_field = field_cache(redact)
 
 
 def redacted_args(args: tuple) -> tuple:
@@ -4265,7 +4290,7 @@ def json_safe(value: str) -> str:
     return value if redact(encoded) == encoded else "[redacted]"
 
 
-json_field = functools.lru_cache(maxsize=4096)(json_safe)   # access and audit fields repeat, as in redact_field
+json_field = field_cache(json_safe)   # access and audit fields repeat, as in redact_field
 
 
 class JsonFormatter(RedactingFormatter):

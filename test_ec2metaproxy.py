@@ -3622,6 +3622,31 @@ class TestMetadataProxyServer(unittest.TestCase):
         self.assertIn(b"Content-Length: 8388608\r\n", head)
         self.assertEqual(body, bytes(range(256)) * 32768)
 
+    def test_a_last_answer_ends_in_a_clean_close_even_with_bytes_left_unread(self):
+        for junk in (b"", b"x" * 100000):   # nothing after the last request, or bytes the proxy never reads
+            with socket.create_connection(self.server.server_address[:2], timeout=5) as sock:
+                sock.sendall(b"GET /ok HTTP/1.1\r\nConnection: close\r\n\r\n" + junk)
+                received = b""
+                for _ in range(1000):   # bounded; a reset here raises ConnectionResetError
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\nfine"),
+                            received)
+
+    def test_an_access_line_shows_a_long_method_cut_short(self):
+        with LogCapture() as logs:
+            self.exchange_method(b"A" * 100, "/ok")
+        self.assertRegex(logs.text, r"(?m)^INFO \S+ scripted - A{20} /ok 200 [\d.]+ms$")
+
+    def exchange_method(self, method, path):
+        with socket.create_connection(self.server.server_address[:2], timeout=5) as sock:
+            sock.sendall(method + b" " + path.encode() + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+            for _ in range(1000):
+                if not sock.recv(65536):
+                    break
+
     def test_a_bug_costs_one_request_a_500_and_the_connection(self):
         for path in ("/bug", "/oserror"):
             with LogCapture() as logs:
@@ -4461,6 +4486,10 @@ class TestRedaction(unittest.TestCase):
         ]
         for text, expected in cases:
             self.assertEqual(emp.redact(text), expected, text)
+
+    def test_a_long_field_is_redacted_like_a_short_one(self):
+        for padding in ("", "x" * 300):   # the cache keeps only short values; a long one is redacted each time
+            self.assertEqual(emp.redacted_args((f"{padding} {self.SECRETS[0]}", 200)), (f"{padding} [redacted]", 200))
 
     def test_a_callers_text_is_blanked_before_a_line_cuts_it_short(self):
         token = TestRedaction.SECRETS[2]   # a session token's shape, 84 characters

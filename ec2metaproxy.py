@@ -3762,17 +3762,17 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
                 raise HttpError(429, "over the request rate", close=True)
             answer = self.service.answer(request)
             keep = self.keep_alive(request)
-            self.closed_as_asked = not keep and not self.reader.buffer
+            self.closed_as_asked = self.last_as_asked(request, keep)
         except HttpError as exc:
             # The one place a refusal becomes an answer. One the reader raised leaves the
             # stream where no next request can be found: the connection closes.
             answer, keep = error_answer(exc), request is not None and not exc.close and self.keep_alive(request)
-            self.closed_as_asked = request is not None and not exc.close and not keep and not self.reader.buffer
+            self.closed_as_asked = not exc.close and self.last_as_asked(request, keep)
             self.log_error(request, exc)
         except CredentialError as exc:
             log.debug("no credentials for %s: %s", request.container, exc)
             answer, keep = credential_error_answer(exc, self.wall_clock()), self.keep_alive(request)
-            self.closed_as_asked = not keep and not self.reader.buffer
+            self.closed_as_asked = self.last_as_asked(request, keep)
         except OSError:
             if request is None:
                 return False   # the connection broke while the request was being read
@@ -3785,6 +3785,11 @@ class ImdsRequestHandler(socketserver.BaseRequestHandler):
         self.metrics.request_done(request.route if request else "unparsed", answer.status,
                                   time.perf_counter() - started)
         return self.send(request, answer, keep) and keep
+
+    def last_as_asked(self, request: Optional[Request], keep: bool) -> bool:
+        """keep_alive() ends the connection here (the client's Connection header, or a drain), and
+        nothing was sent past this request."""
+        return request is not None and not keep and not self.reader.buffer
 
     @property
     def ended_cleanly(self) -> bool:
@@ -4821,12 +4826,13 @@ def main(argv=None) -> int:
     handler, writer = configure_logging(config.verbose, log_format=config.log_format)
     try:
         proxy = Proxy(config, env_region=env_region, events=EventLog(handler))
-    except (StartupError, ImportError) as exc:
+    except StartupError as exc:
         writer.stop()
-        if isinstance(exc, ImportError):
-            print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
-        else:
-            print(f"ec2metaproxy: {exc}", file=sys.stderr)
+        print(f"ec2metaproxy: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        writer.stop()
+        print(f"ec2metaproxy: {exc.name} is required: python3 -m pip install boto3", file=sys.stderr)
         return 1
 
     def stop(signum, frame):

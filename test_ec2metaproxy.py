@@ -226,6 +226,7 @@ class DockerStandIn:
 
             def events(self):
                 subscriber = queue.Queue()
+                running = stand_in._running   # this daemon's: a restart must not revive its streams
                 with stand_in.lock:
                     stand_in._subscribers.append(subscriber)
                     stand_in.calls["events"] += 1   # counted once subscribed: events emitted now arrive
@@ -235,7 +236,7 @@ class DockerStandIn:
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     self.wfile.flush()
-                    while stand_in._running.is_set():
+                    while running.is_set():
                         try:
                             line = subscriber.get(timeout=0.1)
                         except queue.Empty:
@@ -259,6 +260,7 @@ class DockerStandIn:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self._server = Server(self.socket_path, Handler)
+        self._running = threading.Event()   # a new daemon: the old one's streams stay ended
         self._running.set()
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -1008,6 +1010,30 @@ class TestConfig(unittest.TestCase):
 
 #####################################################################
 # Docker ############################################################
+
+class TestDockerStandIn(unittest.TestCase):
+    """The rig: a daemon restart ends every event stream of the daemon before it, however quick."""
+
+    def test_a_restart_at_once_still_ends_the_old_event_stream(self):
+        tmp = tempfile.mkdtemp(prefix="emp-docker-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        docker = DockerStandIn(os.path.join(tmp, "docker.sock")).start()
+        self.addCleanup(docker.stop)
+        stream = emp.DockerClient(docker.socket_path).events()
+        self.addCleanup(stream.close)
+        ended = threading.Event()
+
+        def read():
+            with contextlib.suppress(emp.DockerError, OSError):
+                for _ in stream:
+                    pass
+            ended.set()
+        threading.Thread(target=read, daemon=True).start()
+        self.assertTrue(wait_until(lambda: docker.calls["events"] >= 1))
+        docker.stop()
+        docker.start()   # sooner than the old stream's handler looks again
+        self.assertTrue(ended.wait(5))
+
 
 class DockerTestCase(unittest.TestCase):
     """A DockerWatcher keeping a ContainerIndex current from a Docker stand-in; changes are recorded."""

@@ -4298,6 +4298,10 @@ def json_safe(value: str) -> str:
 json_field = field_cache(json_safe)   # access and audit fields repeat, as in redact_field
 
 
+def json_args(args: tuple) -> tuple:
+    return tuple(json_field(value) if type(value) is str else value for value in args)
+
+
 class JsonFormatter(RedactingFormatter):
     """One JSON object a line: time, level, logger, message, and an access or audit line's fields.
 
@@ -4308,7 +4312,7 @@ class JsonFormatter(RedactingFormatter):
 
     def format(self, record) -> str:
         fields = getattr(record, "fields", None)
-        args = tuple(json_field(value) if type(value) is str else value for value in record.args) if fields else ()
+        args = json_args(record.args) if fields else ()
         line = self.as_object(record.created, record.msecs, record.levelname, record.name,
                               json_safe(record.getMessage()), fields, args, getattr(record, "event", ""))
         if record.exc_info:
@@ -4328,7 +4332,7 @@ class JsonFormatter(RedactingFormatter):
     def event_line(self, created: float, msg: str, args: tuple, fields: Tuple[str, ...], event: str) -> str:
         # The message is made of the safe values: its JSON form is theirs joined by the shape's
         # spaces and quotes, which no run crosses, so it needs no check of its own.
-        args = tuple(json_field(value) if type(value) is str else value for value in args)
+        args = json_args(args)
         return json.dumps(self.as_object(created, msecs_of(created), "INFO", log.name, msg % args, fields, args,
                                          event))
 
